@@ -1,0 +1,14 @@
+"""Keys the package reads and writes in an AnnData (see the data-layout page of the docs)."""
+
+from __future__ import annotations
+
+# Written by the package, and only these.
+IMAGE_EMBEDDING_KEY = "X_rankbygene"
+GENE_EMBEDDING_KEY = "X_rankbygene_gene"
+PREDICTED_LAYER_KEY = "rankbygene_predicted"
+UNS_KEY = "rankbygene"
+
+# Read from the scanpy/squidpy spatial layout.
+SPATIAL_KEY = "spatial"
+SCALEFACTOR_SPOT_DIAMETER = "spot_diameter_fullres"
+METADATA_SOURCE_IMAGE = "source_image_path"
