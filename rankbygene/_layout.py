@@ -1,0 +1,186 @@
+"""Read and validate the scanpy/squidpy spatial layout of an AnnData.
+
+One place that knows where a library's pixels are (a full-resolution file on disk, or the sharpest
+in-memory image and its scale factor), so that every reader of patches agrees, and every error
+about the layout names the key at fault before any work starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from anndata import AnnData
+
+from rankbygene._constants import METADATA_SOURCE_IMAGE, SCALEFACTOR_SPOT_DIAMETER, SPATIAL_KEY
+from rankbygene.io._image import ImageReader, open_image
+
+__all__ = ["ImageSource", "image_sources", "spatial_coordinates", "spot_libraries"]
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where one library's pixels are.
+
+    Attributes
+    ----------
+    library_id
+        Key in ``uns["spatial"]``.
+    spot_diameter_fullres
+        Spot diameter in full-resolution pixels.
+    path
+        Full-resolution image file, read lazily; ``None`` when the pixels are in memory.
+    image_key
+        Key in ``uns["spatial"][library_id]["images"]`` of the in-memory image used.
+    scale
+        Image pixels per full-resolution pixel (1 for a file; ``tissue_<key>_scalef`` otherwise).
+    """
+
+    library_id: str
+    spot_diameter_fullres: float
+    path: Path | None = None
+    image_key: str | None = None
+    scale: float = 1.0
+
+    def open(self, adata: AnnData | None = None) -> ImageReader:
+        """Open the pixels: the file, or the in-memory image of ``adata``."""
+        if self.path is not None:
+            return open_image(self.path)
+        if adata is None:
+            raise ValueError(f"Library {self.library_id!r} keeps its image in memory: pass adata.")
+        return open_image(adata.uns[SPATIAL_KEY][self.library_id]["images"][self.image_key])
+
+
+def spatial_coordinates(adata: AnnData, spatial_key: str = SPATIAL_KEY) -> np.ndarray:
+    """Spot centres ``(n_obs, 2)`` as float64, validated.
+
+    Raises
+    ------
+    KeyError
+        ``obsm[spatial_key]`` is missing.
+    ValueError
+        It is not ``(n_obs, 2)`` or holds NaN/inf.
+    """
+    if spatial_key not in adata.obsm:
+        raise KeyError(
+            f"adata.obsm[{spatial_key!r}] is missing: spot centres (x, y) in full-resolution pixels "
+            f"are needed. Available obsm keys: {list(adata.obsm.keys())}."
+        )
+    coords = np.asarray(adata.obsm[spatial_key])
+    if coords.ndim != 2 or coords.shape[1] < 2 or coords.shape[0] != adata.n_obs:
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] must have shape (n_obs, 2) = ({adata.n_obs}, 2); "
+            f"got {coords.shape}."
+        )
+    try:
+        coords = coords[:, :2].astype(np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adata.obsm[{spatial_key!r}] is not numeric: {err}") from err
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] has {int(bad.sum())} spots with NaN or infinite "
+            f"coordinates (first: {list(adata.obs_names[bad][:3])})."
+        )
+    return coords
+
+
+def spot_libraries(adata: AnnData, library_key: str | None = None) -> np.ndarray:
+    """The library id of each spot, as strings.
+
+    Without ``library_key``, ``uns["spatial"]`` must hold exactly one library (or none: then every
+    spot gets library ``"0"``, for AnnData without images such as precomputed features).
+    """
+    if library_key is not None:
+        if library_key not in adata.obs:
+            raise KeyError(
+                f"library_key {library_key!r} is not a column of adata.obs "
+                f"(columns: {list(adata.obs.columns)})."
+            )
+        values = adata.obs[library_key]
+        if values.isna().any():
+            raise ValueError(
+                f"adata.obs[{library_key!r}] has {int(values.isna().sum())} missing values."
+            )
+        return values.astype(str).to_numpy()
+    libraries = list(adata.uns.get(SPATIAL_KEY, {}).keys())
+    if len(libraries) > 1:
+        raise ValueError(
+            f"adata.uns[{SPATIAL_KEY!r}] holds {len(libraries)} libraries {libraries}: pass "
+            "library_key, the obs column naming each spot's library."
+        )
+    return np.full(adata.n_obs, str(libraries[0]) if libraries else "0", dtype=object)
+
+
+def image_sources(
+    adata: AnnData,
+    libraries: Sequence[str],
+    image_key: str | None = None,
+) -> dict[str, ImageSource]:
+    """Find, for each library, its pixels and spot diameter, or fail naming the missing key.
+
+    Prefers ``metadata["source_image_path"]`` (full resolution, read lazily) when the file exists,
+    else the in-memory image with the largest scale factor (or ``image_key`` when given).
+    """
+    spatial = adata.uns.get(SPATIAL_KEY)
+    if not isinstance(spatial, dict) or not spatial:
+        raise KeyError(
+            f"adata.uns[{SPATIAL_KEY!r}] is missing: images and scale factors are needed for image "
+            "patches (or use features_key with precomputed features)."
+        )
+    sources = {}
+    for library_id in dict.fromkeys(libraries):
+        if library_id not in spatial:
+            raise KeyError(
+                f"Library {library_id!r} is not in adata.uns[{SPATIAL_KEY!r}] "
+                f"(libraries there: {list(spatial)})."
+            )
+        sources[library_id] = _image_source(spatial[library_id], library_id, image_key)
+    return sources
+
+
+def _image_source(entry: dict[str, Any], library_id: str, image_key: str | None) -> ImageSource:
+    where = f"adata.uns['spatial'][{library_id!r}]"
+    scalefactors = entry.get("scalefactors") or {}
+    diameter = scalefactors.get(SCALEFACTOR_SPOT_DIAMETER)
+    if diameter is None or not np.isfinite(diameter) or float(diameter) <= 0:
+        raise KeyError(
+            f"{where}['scalefactors'][{SCALEFACTOR_SPOT_DIAMETER!r}] is missing or not positive: "
+            "the patch size is derived from it."
+        )
+    diameter = float(diameter)
+    path = (entry.get("metadata") or {}).get(METADATA_SOURCE_IMAGE)
+    if image_key is None and path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"{where}['metadata'][{METADATA_SOURCE_IMAGE!r}] points to a missing file: {path}"
+            )
+        return ImageSource(library_id, diameter, path=Path(path))
+    images = entry.get("images") or {}
+    if image_key is not None:
+        if image_key not in images:
+            raise KeyError(f"{where}['images'] has no {image_key!r} (keys: {list(images)}).")
+        candidates = [image_key]
+    else:
+        candidates = list(images)
+    if not candidates:
+        raise KeyError(
+            f"{where} has no image: neither ['images'] nor ['metadata'][{METADATA_SOURCE_IMAGE!r}]."
+        )
+    scales = {}
+    for key in candidates:
+        factor = scalefactors.get(f"tissue_{key}_scalef")
+        if factor is None or not float(factor) > 0:
+            if image_key is not None:
+                raise KeyError(f"{where}['scalefactors']['tissue_{key}_scalef'] is missing.")
+            continue
+        scales[key] = float(factor)
+    if not scales:
+        raise KeyError(
+            f"{where}['scalefactors'] has no tissue_<image>_scalef for any of the images {candidates}."
+        )
+    best = max(scales, key=scales.get)
+    return ImageSource(library_id, diameter, image_key=best, scale=scales[best])

@@ -1,0 +1,397 @@
+"""Lazy readers for histology images: in-memory arrays, JPEG/PNG, (pyramidal) TIFF/SVS, OpenSlide.
+
+Every reader answers the same two questions, ``read_region`` (a patch in full-resolution
+coordinates, optionally resized) and ``thumbnail``, so the patch pipeline and whole-slide tiling
+never need to know where pixels come from, and never decode a whole slide when a pyramid exists.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["ArrayImage", "ImageReader", "OpenSlideImage", "PILImage", "TiffImage", "open_image"]
+
+BACKGROUND = 255  # white glass: what lies outside a slide's pixels
+_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".ome.tiff", ".qptiff"}
+_OPENSLIDE_SUFFIXES = {".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide"}
+
+
+def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Return ``image`` as an ``(H, W, 3)`` uint8 array (grey, RGBA and float [0, 1] accepted)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name} must be (H, W), (H, W, 3) or (H, W, 4); got shape {image.shape}.")
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    image = image[..., :3]
+    if image.dtype == np.uint8:
+        return image
+    if np.issubdtype(image.dtype, np.floating):
+        # scanpy/squidpy keep images as float in [0, 1]
+        scale = 255.0 if float(np.nanmax(image, initial=0.0)) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(image) * scale + 0.5, 0, 255).astype(np.uint8)
+    if image.dtype == np.uint16:
+        return (image // 257).astype(np.uint8)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _resize(region: np.ndarray, out_size: int | tuple[int, int] | None) -> np.ndarray:
+    if out_size is None:
+        return region
+    width, height = (out_size, out_size) if isinstance(out_size, int) else out_size
+    if region.shape[1] == width and region.shape[0] == height:
+        return region
+    # PIL scales its filter support with the ratio, so downscaling is anti-aliased.
+    return np.asarray(Image.fromarray(region).resize((width, height), Image.Resampling.BILINEAR))
+
+
+class ImageReader(ABC):
+    """A histology image read lazily by region.
+
+    Coordinates are always level-0 (full-resolution) pixels, ``x`` along columns and ``y`` along
+    rows, as in ``obsm["spatial"]``.
+
+    Attributes
+    ----------
+    path
+        The file, or ``None`` for an in-memory image.
+    shape
+        ``(height, width)`` at full resolution.
+    level_downsamples
+        Downsampling factor of each pyramid level (``(1.0,)`` without a pyramid).
+    mpp
+        Microns per pixel at full resolution when the file says so, else ``None``.
+    """
+
+    path: Path | None = None
+    shape: tuple[int, int]
+    level_downsamples: tuple[float, ...] = (1.0,)
+    mpp: float | None = None
+
+    @abstractmethod
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Pixels of ``level`` in its own coordinates; the box lies inside the level."""
+
+    def _level_shape(self, level: int) -> tuple[int, int]:
+        down = self.level_downsamples[level]
+        return int(round(self.shape[0] / down)), int(round(self.shape[1] / down))
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level that still has at least the resolution asked for."""
+        candidates = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * 1.01]
+        return max(candidates, key=lambda i: self.level_downsamples[i]) if candidates else 0
+
+    def read_region(
+        self,
+        x: float,
+        y: float,
+        width: float,
+        height: float,
+        out_size: int | tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Read the box with top-left ``(x, y)`` and size ``width x height`` (level-0 pixels).
+
+        Parts outside the image are white. With ``out_size`` (``int`` or ``(width, height)``),
+        the patch is read from the coarsest pyramid level that suffices and resized.
+
+        Returns
+        -------
+        ``(height, width, 3)`` uint8 array (or the ``out_size`` shape).
+        """
+        if width <= 0 or height <= 0:
+            raise ValueError(f"Region size must be positive; got {width} x {height}.")
+        if out_size is None:
+            level = 0
+        else:
+            out_w = out_size if isinstance(out_size, int) else out_size[0]
+            level = self.best_level(width / out_w)
+        down = self.level_downsamples[level]
+        lx0, ly0 = int(np.floor(x / down)), int(np.floor(y / down))
+        lw = max(1, int(round(width / down)))
+        lh = max(1, int(round(height / down)))
+        level_h, level_w = self._level_shape(level)
+        canvas = np.full((lh, lw, 3), BACKGROUND, dtype=np.uint8)
+        cx0, cy0 = max(lx0, 0), max(ly0, 0)
+        cx1, cy1 = min(lx0 + lw, level_w), min(ly0 + lh, level_h)
+        if cx1 > cx0 and cy1 > cy0:
+            pixels = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
+            canvas[cy0 - ly0 : cy1 - ly0, cx0 - lx0 : cx1 - lx0] = as_rgb_uint8(pixels)
+        return _resize(canvas, out_size)
+
+    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        """A downscaled copy of the whole image and its scale (thumbnail pixels per level-0 pixel).
+
+        Read from the coarsest pyramid level that is at least ``max_side`` pixels on its long side.
+        """
+        height, width = self.shape
+        scale = min(1.0, max_side / max(height, width))
+        out = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+        return self.read_region(0, 0, width, height, out_size=out), scale
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> ImageReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        source = self.path if self.path is not None else "in memory"
+        return f"{type(self).__name__}({source}, shape={self.shape}, levels={len(self.level_downsamples)})"
+
+
+class ArrayImage(ImageReader):
+    """An in-memory image, e.g. ``uns["spatial"][lib]["images"]["hires"]``.
+
+    Parameters
+    ----------
+    array
+        ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)``; uint8, uint16 or float in [0, 1].
+    mpp
+        Microns per pixel, if known.
+    """
+
+    def __init__(self, array: np.ndarray, mpp: float | None = None) -> None:
+        self._array = as_rgb_uint8(array)
+        self.shape = self._array.shape[:2]
+        self.mpp = mpp
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._array[y : y + height, x : x + width]
+
+
+class PILImage(ImageReader):
+    """A JPEG/PNG/BMP file, decoded on the first region read (these formats have no random access).
+
+    The header alone gives the size; thumbnails of JPEGs use the decoder's draft mode and never
+    decode the full image.
+    """
+
+    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+        self.path = Path(path)
+        self.mpp = mpp
+        with _open_pil(self.path) as im:
+            self.shape = (im.height, im.width)
+        self._pixels: np.ndarray | None = None
+
+    def _decoded(self) -> np.ndarray:
+        if self._pixels is None:
+            with _open_pil(self.path) as im:
+                try:
+                    self._pixels = np.asarray(im.convert("RGB"))
+                except OSError as err:
+                    raise ValueError(f"Could not decode image file {self.path}: {err}") from err
+        return self._pixels
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._decoded()[y : y + height, x : x + width]
+
+    def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
+        if self._pixels is not None:
+            return super().thumbnail(max_side)
+        height, width = self.shape
+        scale = min(1.0, max_side / max(height, width))
+        size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+        with _open_pil(self.path) as im:
+            try:
+                im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 directly
+                small = im.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+            except OSError as err:
+                raise ValueError(f"Could not decode image file {self.path}: {err}") from err
+        return np.asarray(small), scale
+
+    def close(self) -> None:
+        self._pixels = None
+
+
+class TiffImage(ImageReader):
+    """A TIFF, OME-TIFF or SVS file read through tifffile, tile by tile, from any pyramid level."""
+
+    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+        import tifffile
+        import zarr
+
+        self.path = Path(path)
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            series = self._tif.series[0]
+            levels = list(series.levels)
+        except Exception as err:  # tifffile raises several types for a broken file
+            raise ValueError(f"Could not read TIFF file {self.path}: {err}") from err
+        self._axes = series.axes
+        self._arrays = []
+        shapes = []
+        for i, level in enumerate(levels):
+            store = self._tif.series[0].aszarr(level=i)
+            self._arrays.append(zarr.open(store, mode="r"))
+            shapes.append(_tiff_hw(level.shape, level.axes))
+        self.shape = shapes[0]
+        self.level_downsamples = tuple(shapes[0][1] / s[1] for s in shapes)
+        self.mpp = mpp if mpp is not None else _tiff_mpp(self._tif)
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        arr = self._arrays[level]
+        index: list[Any] = []
+        for ax in self._axes:
+            if ax == "Y":
+                index.append(slice(y, y + height))
+            elif ax == "X":
+                index.append(slice(x, x + width))
+            elif ax in "SC" and arr.ndim == len(self._axes):
+                index.append(slice(None))
+            else:
+                index.append(0)
+        out = np.asarray(arr[tuple(index)])
+        if "C" in self._axes and self._axes.index("C") < self._axes.index("Y"):
+            out = np.moveaxis(out, 0, -1)  # planar (C, Y, X) files
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+class OpenSlideImage(ImageReader):
+    """A slide read through OpenSlide (install the ``openslide`` extra)."""
+
+    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+        try:
+            import openslide
+        except ImportError as err:
+            raise ImportError(
+                "Reading this slide needs OpenSlide: pip install 'rankbygene[openslide]'."
+            ) from err
+        self.path = Path(path)
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except Exception as err:
+            raise ValueError(f"OpenSlide could not open {self.path}: {err}") from err
+        width, height = self._slide.dimensions
+        self.shape = (height, width)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        found = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        self.mpp = mpp if mpp is not None else (float(found) if found else None)
+
+    def _level_shape(self, level: int) -> tuple[int, int]:
+        width, height = self._slide.level_dimensions[level]
+        return height, width
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        down = self.level_downsamples[level]
+        # OpenSlide takes the top-left corner in level-0 coordinates
+        region = self._slide.read_region((int(x * down), int(y * down)), level, (width, height))
+        return np.asarray(region.convert("RGB"))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def open_image(
+    source: str | Path | np.ndarray | ImageReader,
+    backend: Literal["auto", "pil", "tifffile", "openslide"] = "auto",
+    mpp: float | None = None,
+) -> ImageReader:
+    """Open a histology image for lazy region reads.
+
+    Parameters
+    ----------
+    source
+        A file path, an in-memory array, or a reader (returned as is).
+    backend
+        ``"auto"`` picks tifffile for TIFF/SVS, OpenSlide for other slide formats (when installed)
+        and PIL for JPEG/PNG.
+    mpp
+        Microns per pixel at full resolution, overriding what the file says.
+
+    Returns
+    -------
+    An :class:`ImageReader`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.io import open_image
+    >>> reader = open_image(np.zeros((100, 200, 3), dtype=np.uint8))
+    >>> reader.read_region(190, 0, 20, 10).shape  # half of it off the image, filled white
+    (10, 20, 3)
+    """
+    if isinstance(source, ImageReader):
+        return source
+    if isinstance(source, np.ndarray):
+        return ArrayImage(source, mpp=mpp)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    suffix = (
+        "".join(path.suffixes[-2:]).lower()
+        if path.name.lower().endswith((".ome.tif", ".ome.tiff"))
+        else path.suffix.lower()
+    )
+    if backend == "auto":
+        if suffix in _TIFF_SUFFIXES:
+            backend = "tifffile"
+        elif suffix in _OPENSLIDE_SUFFIXES:
+            backend = "openslide"
+        else:
+            backend = "pil"
+    if backend == "tifffile":
+        return TiffImage(path, mpp=mpp)
+    if backend == "openslide":
+        return OpenSlideImage(path, mpp=mpp)
+    if backend == "pil":
+        return PILImage(path, mpp=mpp)
+    raise ValueError(f"Unknown backend {backend!r}; use 'auto', 'pil', 'tifffile' or 'openslide'.")
+
+
+def _open_pil(path: Path) -> Image.Image:
+    # Histology images exceed PIL's decompression-bomb limit by design; the files are the user's.
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"Could not decode image file {path}: {err}") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _tiff_hw(shape: Sequence[int], axes: str) -> tuple[int, int]:
+    return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+
+
+def _tiff_mpp(tif: Any) -> float | None:
+    """Microns per pixel from an SVS description or the TIFF resolution tags."""
+    page = tif.pages[0]
+    description = page.description or ""
+    match = re.search(r"MPP\s*=\s*([0-9.]+)", description)
+    if match:
+        return float(match.group(1))
+    if tif.is_ome and tif.ome_metadata:
+        match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+        if match:
+            return float(match.group(1))
+    tag = page.tags.get("XResolution")
+    unit = page.tags.get("ResolutionUnit")
+    if tag is None or unit is None:
+        return None
+    numerator, denominator = tag.value
+    if not numerator or not denominator:
+        return None
+    pixels_per_unit = numerator / denominator
+    microns = {2: 25400.0, 3: 10000.0}.get(int(unit.value))  # inch, centimetre
+    if microns is None:
+        return None
+    return microns / pixels_per_unit
