@@ -66,8 +66,8 @@ def spatial_coordinates(adata: AnnData, spatial_key: str = SPATIAL_KEY) -> np.nd
     """
     if spatial_key not in adata.obsm:
         raise KeyError(
-            f"adata.obsm[{spatial_key!r}] is missing: spot centres (x, y) in full-resolution pixels "
-            f"are needed. Available obsm keys: {list(adata.obsm.keys())}."
+            f"adata.obsm[{spatial_key!r}] is missing: spot centres (x, y) in full-resolution "
+            f"pixels are needed. Available obsm keys: {list(adata.obsm.keys())}."
         )
     coords = np.asarray(adata.obsm[spatial_key])
     if coords.ndim != 2 or coords.shape[1] < 2 or coords.shape[0] != adata.n_obs:
@@ -180,7 +180,8 @@ def _image_source(entry: dict[str, Any], library_id: str, image_key: str | None)
         scales[key] = float(factor)
     if not scales:
         raise KeyError(
-            f"{where}['scalefactors'] has no tissue_<image>_scalef for any of the images {candidates}."
+            f"{where}['scalefactors'] has no tissue_<image>_scalef for any of the images "
+            f"{candidates}."
         )
     best = max(scales, key=scales.get)
     return ImageSource(library_id, diameter, image_key=best, scale=scales[best])

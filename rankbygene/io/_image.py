@@ -149,7 +149,8 @@ class ImageReader(ABC):
 
     def __repr__(self) -> str:
         source = self.path if self.path is not None else "in memory"
-        return f"{type(self).__name__}({source}, shape={self.shape}, levels={len(self.level_downsamples)})"
+        levels = len(self.level_downsamples)
+        return f"{type(self).__name__}({source}, shape={self.shape}, levels={levels})"
 
 
 class ArrayImage(ImageReader):
