@@ -1,1 +1,35 @@
-"""rankbygene."""
+"""rankbygene: gene-guided representations of H&E histology from spatial transcriptomics.
+
+Submodules follow scanpy: :mod:`~rankbygene.pp` (preprocessing), :mod:`~rankbygene.tl` (tools),
+:mod:`~rankbygene.pl` (plots), :mod:`~rankbygene.io` (readers), :mod:`~rankbygene.datasets`; the
+model is :class:`~rankbygene.RankByGene` (scvi-tools API). Heavy submodules load on first use,
+so ``import rankbygene`` stays quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+try:
+    __version__ = version("rankbygene")
+except PackageNotFoundError:  # running from a source tree without installation
+    __version__ = "0.0.0"
+
+_SUBMODULES = {"data", "datasets", "io", "losses", "model", "pl", "pp", "tl"}
+_MODEL_NAMES = {"RankByGene": "rankbygene.model"}
+
+__all__ = ["RankByGene", "__version__", *sorted(_SUBMODULES)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"rankbygene.{name}")
+    if name in _MODEL_NAMES:
+        return getattr(importlib.import_module(_MODEL_NAMES[name]), name)
+    raise AttributeError(f"module 'rankbygene' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

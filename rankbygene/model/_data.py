@@ -1,0 +1,218 @@
+"""Data plumbing of the model: patches or features plus expression, split into loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from anndata import AnnData
+from scipy import sparse
+from torch.utils.data import DataLoader, Dataset
+
+from rankbygene.data import (
+    PatchExtractor,
+    eval_transform,
+    strong_transform,
+    weak_transform,
+)
+from rankbygene.model._module import EXPRESSION, FEATURES, IMAGE, IMAGE_WEAK
+
+if TYPE_CHECKING:
+    from rankbygene.model._model import RankByGene
+
+SPATIAL_REGISTRY_KEY = "spatial"
+FEATURES_REGISTRY_KEY = "features"
+INDEX = "index"
+
+
+class SpotViews(Dataset):
+    """Per spot: an image view per transform (or features), expression, and the spot index."""
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        patches: PatchExtractor | None = None,
+        features: np.ndarray | None = None,
+        expression: Any = None,
+        transforms: Sequence | None = None,
+    ) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.patches = patches
+        self.features = None if features is None else np.asarray(features, dtype=np.float32)
+        self.expression = expression
+        self.transforms = list(transforms or [])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        i = int(self.indices[item])
+        out: dict[str, torch.Tensor] = {INDEX: torch.tensor(i)}
+        if self.features is not None:
+            out[FEATURES] = torch.from_numpy(self.features[i])
+        else:
+            patch = self.patches[i]
+            keys = (IMAGE, IMAGE_WEAK)
+            for key, transform in zip(keys, self.transforms, strict=False):
+                out[key] = transform(patch)
+        if self.expression is not None:
+            row = self.expression[i]
+            row = row.toarray().ravel() if sparse.issparse(row) else np.asarray(row).ravel()
+            out[EXPRESSION] = torch.as_tensor(row, dtype=torch.float32)
+        return out
+
+
+class SpotDataModule(pl.LightningDataModule):
+    """Random split of spots into train/validation loaders (scvi-tools' DataSplitter contract).
+
+    The training loader gives the strong and weak views of each patch; validation gives the
+    un-augmented patch twice. Batches drop their last incomplete batch in training, because
+    in-batch negatives and rankings need full batches (and DDP equal ones).
+    """
+
+    def __init__(
+        self,
+        n_obs: int,
+        expression: Any,
+        patches: PatchExtractor | None = None,
+        features: np.ndarray | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int | None = 0,
+        valid: np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < train_size <= 1.0:
+            raise ValueError(f"train_size must be in (0, 1]; got {train_size}.")
+        validation_size = 1.0 - train_size if validation_size is None else validation_size
+        if validation_size < 0 or train_size + validation_size > 1.0 + 1e-9:
+            raise ValueError(
+                f"train_size + validation_size must be <= 1; got {train_size} + {validation_size}."
+            )
+        usable = np.arange(n_obs) if valid is None else np.flatnonzero(valid)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(usable)
+        n_train = int(np.ceil(train_size * len(order)))
+        n_val = int(np.floor(validation_size * len(order)))
+        n_val = min(n_val, len(order) - n_train)
+        if batch_size > n_train:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the {n_train} training spots; lower it."
+            )
+        if batch_size < 2:
+            raise ValueError("batch_size must be at least 2 (in-batch negatives).")
+        self.train_idx = np.sort(order[:n_train])
+        self.val_idx = np.sort(order[n_train : n_train + n_val])
+        self.test_idx = np.sort(order[n_train + n_val :])
+        self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.expression = expression
+        self.patches = patches
+        self.features = features
+        if patches is not None:
+            self.train_transforms = [strong_transform(mean, std), weak_transform(mean, std)]
+            self.eval_transforms = [eval_transform(mean, std)]
+        else:
+            self.train_transforms = self.eval_transforms = []
+
+    def _loader(self, indices: np.ndarray, train: bool) -> DataLoader:
+        dataset = SpotViews(
+            indices,
+            patches=self.patches,
+            features=self.features,
+            expression=self.expression,
+            transforms=self.train_transforms if train else self.eval_transforms,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_idx, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.n_val == 0:
+            return []
+        return self._loader(self.val_idx, train=False)
+
+
+def make_patch_extractor(
+    model: RankByGene,
+    adata: AnnData,
+    library_key: str | None = None,
+    cache: str | None = None,
+    cache_dir: str | Path | None = None,
+    out_of_bounds: str = "raise",
+) -> PatchExtractor:
+    """Patches of ``adata`` with the model's geometry (patch scale, input size, image key)."""
+    if library_key is None and model.library_key is not None and model.library_key in adata.obs:
+        library_key = model.library_key
+    return PatchExtractor(
+        adata,
+        library_key=library_key,
+        spatial_key=model.spatial_key,
+        image_key=model.image_key,
+        patch_scale=model.patch_scale,
+        patch_size=model.input_size,
+        out_of_bounds=out_of_bounds,
+        cache=cache,
+        cache_dir=cache_dir,
+    )
+
+
+def image_loader(
+    model: RankByGene,
+    adata: AnnData,
+    indices: Sequence[int] | None,
+    batch_size: int,
+    library_key: str | None,
+    num_workers: int,
+    out_of_bounds: str,
+) -> DataLoader:
+    """Loader of un-augmented patches (or features) of ``adata`` for the image getter."""
+    idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
+        raise IndexError(f"indices must lie in [0, {adata.n_obs}); got {idx.min()}..{idx.max()}.")
+    if model.features_key is not None:
+        if model.features_key not in adata.obsm:
+            raise KeyError(
+                f"The model was trained on adata.obsm[{model.features_key!r}], missing here."
+            )
+        features = np.asarray(adata.obsm[model.features_key], dtype=np.float32)
+        if features.shape[1] != model.module.n_features:
+            raise ValueError(
+                f"adata.obsm[{model.features_key!r}] has {features.shape[1]} features; the model "
+                f"takes {model.module.n_features}."
+            )
+        if not np.isfinite(features[idx]).all():
+            raise ValueError(f"adata.obsm[{model.features_key!r}] has NaN or infinite values.")
+        dataset = SpotViews(idx, features=features)
+    else:
+        patches = make_patch_extractor(
+            model, adata, library_key=library_key, out_of_bounds=out_of_bounds
+        )
+        dataset = SpotViews(
+            idx, patches=patches, transforms=[eval_transform(model.image_mean, model.image_std)]
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )

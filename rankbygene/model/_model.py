@@ -1,0 +1,664 @@
+"""RankByGene: the scvi-tools model class."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scipy import sparse
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import LayerField, ObsmField
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainRunner
+from torch import nn
+
+from rankbygene._constants import SPATIAL_KEY
+from rankbygene._layout import image_sources, spatial_coordinates, spot_libraries
+from rankbygene.model._data import (
+    FEATURES_REGISTRY_KEY,
+    SPATIAL_REGISTRY_KEY,
+    SpotDataModule,
+    image_loader,
+    make_patch_extractor,
+)
+from rankbygene.model._encoders import create_backbone
+from rankbygene.model._module import RankByGeneModule
+from rankbygene.model._training_plan import RankByGeneTrainingPlan
+
+logger = logging.getLogger("rankbygene")
+
+
+class RankByGene(BaseModelClass):
+    """Gene-guided image representations of H&E histology (RankByGene).
+
+    Aligns each spot's image patch with its expression through a gene-image contrastive loss,
+    a multi-scale cross-modal ranking-consistency loss and teacher-student self-distillation;
+    after training, the EMA teacher image encoder alone embeds any H&E image.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Used when loading a saved model without AnnData.
+    image_encoder
+        A timm model name, an ``"hf-hub:org/name"`` id, or a :class:`torch.nn.Module` returning
+        features. Ignored with ``features_key`` (precomputed features).
+    pretrained
+        Load pretrained weights: ``True`` (timm/hub download), a local checkpoint path, or
+        ``False`` (random init; offline).
+    n_latent
+        Embedding size.
+    patch_scale
+        Patch side as a multiple of the spot diameter.
+    input_size
+        Encoder input side in pixels (patches are resized to it).
+    tau
+        InfoNCE temperature (contrastive and distillation).
+    tau_rank
+        Ranking-loss temperature.
+    lambda_contrastive, lambda_rank, lambda_distill
+        Loss weights; 0 switches a term off.
+    rank_scales
+        Neighbourhood sizes of the multi-scale ranking loss (``None`` = whole batch).
+    rank_delta
+        Gene-side similarity gaps at or below this are not ranked.
+    rank_target
+        Gene-side ordering from gene embeddings or from expression profiles.
+    rank_n_pairs
+        Sampled pairs per anchor for very large batches (``None``: all pairs).
+    ema
+        Teacher momentum at the start and end of training (cosine schedule).
+    dropout
+        Dropout in the projection heads.
+    n_features
+        Output size of a user ``nn.Module`` encoder (inferred when ``None``).
+    **timm_kwargs
+        Passed to :func:`timm.create_model`.
+
+    Examples
+    --------
+    >>> import rankbygene as rbg
+    >>> adata = rbg.datasets.synthetic(n_slides=2, n_spots=100, n_genes=50)
+    >>> rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+    >>> model = rbg.RankByGene(adata, image_encoder="resnet18", input_size=64)
+    >>> model.train(max_epochs=2, batch_size=32)
+    >>> adata.obsm["X_rankbygene"] = model.get_image_representation()
+    """
+
+    _module_cls = RankByGeneModule
+    _training_plan_cls = RankByGeneTrainingPlan
+    _train_runner_cls = TrainRunner
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        image_encoder: str | nn.Module = "resnet18",
+        pretrained: bool | str | Path = False,
+        n_latent: int = 256,
+        patch_scale: float = 1.0,
+        input_size: int = 224,
+        tau: float = 0.07,
+        tau_rank: float = 0.05,
+        lambda_contrastive: float = 1.0,
+        lambda_rank: float = 5.0,
+        lambda_distill: float = 1.0,
+        rank_scales: Sequence[int | None] = (8, 32, None),
+        rank_delta: float = 0.0,
+        rank_target: Literal["embedding", "expression"] = "embedding",
+        rank_n_pairs: int | None = None,
+        ema: tuple[float, float] = (0.99, 1.0),
+        dropout: float = 0.1,
+        n_features: int | None = None,
+        **timm_kwargs: Any,
+    ) -> None:
+        super().__init__(adata, registry=registry)
+        if patch_scale <= 0:
+            raise ValueError(f"patch_scale must be positive; got {patch_scale}.")
+        if input_size < 8:
+            raise ValueError(f"input_size must be at least 8 pixels; got {input_size}.")
+        if not 0.0 <= ema[0] <= ema[1] <= 1.0:
+            raise ValueError(f"ema must be (start, end) with 0 <= start <= end <= 1; got {ema}.")
+        setup = self.registry_["setup_args"]
+        self.features_key = setup.get("features_key")
+        self.library_key = setup.get("library_key")
+        self.spatial_key = setup.get("spatial_key", SPATIAL_KEY)
+        self.image_key = setup.get("image_key")
+        self.patch_scale = float(patch_scale)
+        self.input_size = int(input_size)
+        self.ema = (float(ema[0]), float(ema[1]))
+        n_genes = self.summary_stats.n_vars
+        if self.features_key is None:
+            backbone = create_backbone(
+                image_encoder, pretrained, self.input_size, n_features, **timm_kwargs
+            )
+            n_input_features = None
+            self.image_mean, self.image_std = backbone.mean, backbone.std
+            encoder_name = backbone.name
+        else:
+            backbone = None
+            n_input_features = self.summary_stats[f"n_{FEATURES_REGISTRY_KEY}"]
+            self.image_mean = self.image_std = None
+            encoder_name = f"precomputed obsm[{self.features_key!r}]"
+        self.module = self._module_cls(
+            n_genes=n_genes,
+            backbone=backbone,
+            n_input_features=n_input_features,
+            n_latent=n_latent,
+            dropout=dropout,
+            tau=tau,
+            tau_rank=tau_rank,
+            lambda_contrastive=lambda_contrastive,
+            lambda_rank=lambda_rank,
+            lambda_distill=lambda_distill,
+            rank_scales=rank_scales,
+            rank_delta=rank_delta,
+            rank_target=rank_target,
+            rank_n_pairs=rank_n_pairs,
+            is_log_normalized=setup.get("is_log_normalized", False),
+        )
+        self._model_summary_string = (
+            f"RankByGene: image encoder {encoder_name} ({self.module.n_features} features), "
+            f"n_latent {n_latent}, {n_genes} genes, lambda_rank {lambda_rank}, "
+            f"lambda_distill {lambda_distill}, rank scales {tuple(rank_scales)}."
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # -- setup ----------------------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        library_key: str | None = None,
+        spatial_key: str = SPATIAL_KEY,
+        image_key: str | None = None,
+        features_key: str | None = None,
+        is_log_normalized: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Register an AnnData: expression, spot coordinates, libraries and images or features.
+
+        The gene panel is ``adata.var_names`` at setup. Everything is validated before anything
+        is registered: counts finite and non-negative, no gene of zero variance, spots, libraries,
+        images and scale factors in place (or ``obsm[features_key]``).
+
+        Parameters
+        ----------
+        adata
+            AnnData in the scanpy/squidpy spatial layout.
+        layer
+            Layer with the expression (raw counts unless ``is_log_normalized``); ``None``: ``X``.
+        library_key
+            ``obs`` column naming each spot's library (needed with several libraries).
+        spatial_key
+            ``obsm`` key of the spot centres in full-resolution pixels.
+        image_key
+            Image in ``uns["spatial"][lib]["images"]`` to read patches from; ``None`` prefers
+            the full-resolution ``metadata["source_image_path"]``, then the sharpest image.
+        features_key
+            ``obsm`` key of precomputed image features (UNI, CONCH, ...) that replace pixels.
+        is_log_normalized
+            The expression is already log-normalised.
+
+        Examples
+        --------
+        >>> import rankbygene as rbg
+        >>> adata = rbg.datasets.synthetic(n_slides=1, n_spots=50)
+        >>> rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if "source_registry" not in kwargs:
+            _validate_setup(
+                adata, layer, library_key, spatial_key, image_key, features_key, is_log_normalized
+            )
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not is_log_normalized),
+            ObsmField(SPATIAL_REGISTRY_KEY, spatial_key),
+        ]
+        if features_key is not None:
+            fields.append(ObsmField(FEATURES_REGISTRY_KEY, features_key))
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not contain count data.*")
+            adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # -- training -------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        lr_backbone: float = 1e-4,
+        weight_decay: float = 1e-4,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        early_stopping: bool = False,
+        num_workers: int = 0,
+        cache: Literal["memory", "disk"] | None = "memory",
+        cache_dir: str | Path | None = None,
+        out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Train with Lightning (progress bar; ``accelerator``/``devices``/``strategy``).
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs; default 50.
+        batch_size
+            Spots per mini-batch (in-batch negatives and rankings need tens of spots at least).
+        lr, lr_backbone
+            Learning rates of the heads and of the image backbone.
+        weight_decay
+            AdamW weight decay.
+        accelerator, devices
+            Lightning's; ``strategy="ddp"`` (in ``trainer_kwargs``) trains on several processes,
+            gathering embeddings across them for the losses.
+        train_size, validation_size
+            Random split of the spots; validation defaults to the rest.
+        early_stopping
+            Stop when ``validation_loss`` stops improving (patience ``early_stopping_patience``)
+            and keep the best weights.
+        num_workers
+            DataLoader workers.
+        cache
+            Decoded patches kept in ``"memory"`` or on ``"disk"`` (under ``cache_dir``, reused by
+            later runs) so each image is decoded once; ``None`` reads every patch from the image.
+        out_of_bounds
+            Spots whose patch leaves the image: ``"raise"``, ``"pad"`` (white) or ``"drop"``.
+        plan_kwargs
+            Passed to :class:`~rankbygene.model.RankByGeneTrainingPlan`.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` / :class:`lightning.pytorch.Trainer`.
+
+        Notes
+        -----
+        Interrupting (Ctrl+C, the notebook's stop button) ends training gracefully and keeps the
+        weights of the best epoch so far; the model stays usable.
+        """
+        max_epochs = 50 if max_epochs is None else int(max_epochs)
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1; got {max_epochs}.")
+        adata = self.adata
+        expression = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        patches = None
+        features = None
+        if self.features_key is None:
+            patches = make_patch_extractor(
+                self, adata, cache=cache, cache_dir=cache_dir, out_of_bounds=out_of_bounds
+            )
+        else:
+            features = self.adata_manager.get_from_registry(FEATURES_REGISTRY_KEY)
+        data_module = SpotDataModule(
+            n_obs=adata.n_obs,
+            expression=expression,
+            patches=patches,
+            features=features,
+            mean=self.image_mean,
+            std=self.image_std,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=settings.seed,
+            valid=None if patches is None else patches.valid,
+        )
+        if patches is not None and cache is not None:
+            patches.materialize(progress=trainer_kwargs.get("enable_progress_bar", True))
+        plan_kwargs = {
+            "lr": lr,
+            "lr_backbone": lr_backbone,
+            "weight_decay": weight_decay,
+            "ema": self.ema,
+            **(plan_kwargs or {}),
+        }
+        plan = self._training_plan_cls(self.module, **plan_kwargs)
+        if data_module.n_val > 0:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        runner = self._train_runner_cls(
+            self,
+            training_plan=plan,
+            data_splitter=data_module,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            early_stopping=early_stopping,
+            **trainer_kwargs,
+        )
+        try:
+            runner()
+        except (KeyboardInterrupt, SystemExit):
+            epoch = plan.restore_best()
+            self._finish_interrupted(runner, data_module)
+            logger.warning("Training interrupted; kept the weights of epoch %s.", epoch)
+            warnings.warn(
+                f"Training interrupted; the model keeps the weights of epoch {epoch}.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        if early_stopping:
+            plan.restore_best()
+
+    def _finish_interrupted(self, runner: TrainRunner, data_module: SpotDataModule) -> None:
+        runner._update_history()
+        self.train_indices = data_module.train_idx
+        self.validation_indices = data_module.val_idx
+        self.test_indices = data_module.test_idx
+        self.module.eval()
+        self.is_trained_ = True
+        self.to_device(runner.device)
+
+    # -- representations ------------------------------------------------------------------
+    @torch.inference_mode()
+    def get_image_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        kind: Literal["embedding", "backbone"] = "embedding",
+        library_key: str | None = None,
+        num_workers: int = 0,
+        out_of_bounds: Literal["raise", "pad"] = "pad",
+        progress: bool | None = None,
+    ) -> np.ndarray:
+        """Teacher image embeddings (or backbone features) of each spot's patch.
+
+        Works on any AnnData in the spatial layout, with or without expression (a new slide
+        without ST, the tiles of a whole-slide image).
+
+        Parameters
+        ----------
+        adata
+            AnnData with ``obsm["spatial"]`` and images (or ``obsm[features_key]``); default:
+            the AnnData of the model.
+        indices
+            Spots to embed (default: all).
+        batch_size
+            Spots per forward pass (default ``scvi.settings.batch_size``).
+        kind
+            ``"embedding"``: the L2-normalised projected embedding (``n_latent``);
+            ``"backbone"``: the backbone features.
+        library_key
+            ``obs`` column of libraries in ``adata`` (default: the one given at setup when
+            ``adata`` has it).
+        num_workers
+            DataLoader workers.
+        out_of_bounds
+            Patches leaving the image are padded (default) or raise.
+        progress
+            Show a progress bar (default: for more than 10 batches).
+
+        Returns
+        -------
+        ``(n_spots, n_latent)`` or ``(n_spots, n_features)`` float32 array; store it as
+        ``adata.obsm["X_rankbygene"]``.
+
+        Examples
+        --------
+        >>> adata.obsm["X_rankbygene"] = model.get_image_representation()
+        """
+        if kind not in ("embedding", "backbone"):
+            raise ValueError(f"kind must be 'embedding' or 'backbone'; got {kind!r}.")
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            raise ValueError("This model has no AnnData attached: pass adata.")
+        loader = image_loader(
+            self,
+            adata,
+            indices=indices,
+            batch_size=batch_size or settings.batch_size,
+            library_key=library_key,
+            num_workers=num_workers,
+            out_of_bounds=out_of_bounds,
+        )
+        return self._embed_batches(loader, kind, progress)
+
+    def _embed_batches(self, loader, kind: str, progress: bool | None) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        module = self.module
+        module.eval()
+        device = self.device
+        key = "features" if module.uses_features else "image"
+        show = len(loader) > 10 if progress is None else progress
+        use_amp = torch.device(device).type == "cuda"
+        outputs = []
+        for batch in tqdm(loader, desc="Embedding", disable=not show, unit="batch"):
+            images = batch[key].to(device, non_blocking=True)
+            if use_amp and images.ndim == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=torch.device(device).type, enabled=use_amp):
+                out = module.embed_images(images, teacher=True, kind=kind)
+            outputs.append(out.float().cpu().numpy())
+        if not outputs:
+            return np.zeros((0, module.n_latent), dtype=np.float32)
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def get_gene_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """L2-normalised gene embeddings of each spot's expression (the gene encoder h).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes, set up like the training data (default: the model's).
+        indices
+            Spots (default: all).
+        batch_size
+            Spots per forward pass.
+
+        Returns
+        -------
+        ``(n_spots, n_latent)`` float32 array; store it as ``adata.obsm["X_rankbygene_gene"]``.
+
+        Examples
+        --------
+        >>> adata.obsm["X_rankbygene_gene"] = model.get_gene_representation()
+        """
+        adata = self._validate_genes(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        expression = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        batch_size = batch_size or settings.batch_size
+        self.module.eval()
+        out = []
+        for start in range(0, len(idx), batch_size):
+            rows = expression[idx[start : start + batch_size]]
+            rows = rows.toarray() if sparse.issparse(rows) else np.asarray(rows)
+            tensor = torch.as_tensor(rows, dtype=torch.float32, device=self.device)
+            out.append(self.module.embed_genes(tensor).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.module.n_latent), np.float32)
+
+    def _validate_genes(self, adata: AnnData | None) -> AnnData:
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("This model has no AnnData attached: pass adata.")
+            return self.adata
+        check_genes(adata, self.registry_, self.adata_manager)
+        return self._validate_anndata(adata)
+
+    # -- save / load ----------------------------------------------------------------------
+    def save(
+        self,
+        dir_path: str | Path,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Save the model (weights, settings, gene panel) to a directory, as scvi-tools does.
+
+        Examples
+        --------
+        >>> model.save("model/", overwrite=True)
+        >>> model = rbg.RankByGene.load("model/", adata=adata)
+        """
+        super().save(
+            str(dir_path), prefix=prefix, overwrite=overwrite, save_anndata=save_anndata, **kwargs
+        )
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        **kwargs: Any,
+    ) -> RankByGene:
+        """Load a saved model; with ``adata``, check its genes are the model's and attach it.
+
+        Without ``adata`` the model still embeds images of any AnnData
+        (:meth:`get_image_representation`).
+
+        Raises
+        ------
+        FileNotFoundError
+            No saved model in ``dir_path``.
+        ValueError
+            The file is corrupt, comes from another model, or ``adata`` lacks the model's genes.
+        """
+        saved = _peek_saved_model(Path(dir_path), prefix)
+        if adata is not None:
+            _check_var_names(adata, saved["var_names"])
+        return super().load(
+            str(dir_path),
+            adata=adata,
+            accelerator=accelerator,
+            device=device,
+            prefix=prefix,
+            **kwargs,
+        )
+
+
+def _validate_setup(
+    adata: AnnData,
+    layer: str | None,
+    library_key: str | None,
+    spatial_key: str,
+    image_key: str | None,
+    features_key: str | None,
+    is_log_normalized: bool,
+) -> None:
+    """Every check of setup_anndata, before anything is written."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"Expected an AnnData; got {type(adata).__name__}.")
+    if adata.n_obs < 2 or adata.n_vars < 1:
+        raise ValueError(f"AnnData has {adata.n_obs} spots and {adata.n_vars} genes: too few.")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not in adata.layers (layers: {list(adata.layers)}).")
+    matrix = adata.X if layer is None else adata.layers[layer]
+    where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    if matrix is None:
+        raise ValueError(f"{where} is empty: expression is needed for training.")
+    values = matrix.data if sparse.issparse(matrix) else np.asarray(matrix)
+    n_nan = int(np.count_nonzero(~np.isfinite(values)))
+    if n_nan:
+        raise ValueError(f"{where} has {n_nan} NaN or infinite values.")
+    if not is_log_normalized:
+        n_neg = int(np.count_nonzero(values < 0))
+        if n_neg:
+            raise ValueError(
+                f"{where} has {n_neg} negative values: counts are expected (or pass "
+                "is_log_normalized=True for log-normalised expression)."
+            )
+    variance = _column_variance(matrix)
+    constant = np.flatnonzero(variance <= 0)
+    if constant.size:
+        names = list(adata.var_names[constant[:5]])
+        raise ValueError(
+            f"{constant.size} genes have zero variance across spots (e.g. {names}): they carry no "
+            "signal; drop them (e.g. rbg.pp.select_genes or sc.pp.filter_genes)."
+        )
+    spatial_coordinates(adata, spatial_key)
+    libraries = spot_libraries(adata, library_key)
+    if features_key is not None:
+        if features_key not in adata.obsm:
+            raise KeyError(
+                f"features_key {features_key!r} not in adata.obsm (keys: {list(adata.obsm)})."
+            )
+        features = np.asarray(adata.obsm[features_key])
+        if features.ndim != 2 or features.shape[0] != adata.n_obs:
+            raise ValueError(
+                f"adata.obsm[{features_key!r}] must be (n_obs, n_features); got {features.shape}."
+            )
+        n_bad = int(np.count_nonzero(~np.isfinite(features)))
+        if n_bad:
+            raise ValueError(f"adata.obsm[{features_key!r}] has {n_bad} NaN or infinite values.")
+    else:
+        image_sources(adata, np.unique(libraries), image_key=image_key)
+
+
+def _column_variance(matrix: Any) -> np.ndarray:
+    if sparse.issparse(matrix):
+        mean = np.asarray(matrix.mean(axis=0)).ravel()
+        mean_sq = np.asarray(matrix.multiply(matrix).mean(axis=0)).ravel()
+        return mean_sq - mean**2
+    return np.asarray(matrix, dtype=np.float64).var(axis=0)
+
+
+def _check_var_names(adata: AnnData, model_genes: Sequence[str]) -> None:
+    """Name the genes that differ between ``adata`` and the model."""
+    model_genes = [str(g) for g in model_genes]
+    have = adata.var_names.astype(str)
+    if len(have) == len(model_genes) and (have == np.asarray(model_genes)).all():
+        return
+    missing = [g for g in model_genes if g not in set(have)]
+    extra = len(set(have) - set(model_genes))
+    if missing:
+        raise ValueError(
+            f"adata lacks {len(missing)} of the model's {len(model_genes)} genes "
+            f"(e.g. {missing[:5]}); subset or reindex it to the model's panel "
+            "(model.adata_manager or the saved var_names)."
+        )
+    raise ValueError(
+        f"adata's genes differ from the model's: {extra} extra genes or another order; "
+        "use adata[:, model_genes]."
+    )
+
+
+def check_genes(adata: AnnData, registry: dict, manager: AnnDataManager | None) -> None:
+    """Check ``adata`` has exactly the model's genes, naming the missing ones."""
+    if manager is not None:
+        _check_var_names(adata, manager.adata.var_names)
+
+
+def _peek_saved_model(dir_path: Path, prefix: str | None) -> dict:
+    """Open the saved file once to give clear errors before scvi-tools loads it."""
+    from scvi.model.base._save_load import SAVE_KEYS
+
+    path = dir_path / f"{prefix or ''}{SAVE_KEYS.MODEL_FNAME}"
+    if not path.is_file():
+        raise FileNotFoundError(f"No saved model at {path}.")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise ValueError(f"Could not read the saved model {path}: corrupt file ({err}).") from err
+    if not isinstance(saved, dict) or SAVE_KEYS.ATTR_DICT_KEY not in saved:
+        raise ValueError(f"{path} is not a saved scvi-tools model.")
+    registry = saved[SAVE_KEYS.ATTR_DICT_KEY].get("registry_", {})
+    name = registry.get("model_name")
+    if name != RankByGene.__name__:
+        raise ValueError(f"{path} holds a {name} model, not a RankByGene model.")
+    return {"var_names": saved[SAVE_KEYS.VAR_NAMES_KEY]}

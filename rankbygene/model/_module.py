@@ -1,0 +1,223 @@
+"""The RankByGene network: student/teacher image encoders, gene encoder and the three losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from scvi.module.base import BaseModuleClass, LossOutput
+from torch import nn
+
+from rankbygene.model._ema import make_teacher, update_ema
+from rankbygene.model._encoders import Backbone, ProjectionHead
+from rankbygene.model._losses import (
+    cosine_similarity_matrix,
+    distillation_loss,
+    expression_similarity,
+    get_rank_world_size,
+    info_nce,
+    rank_agreement,
+    ranking_consistency_loss,
+)
+
+IMAGE = "image"
+IMAGE_WEAK = "image_weak"
+EXPRESSION = "expression"
+FEATURES = "features"
+
+
+class RankByGeneModule(BaseModuleClass):
+    """Student image encoder f, EMA teacher f_t and gene encoder h, trained with three losses.
+
+    ``L = lambda_contrastive * InfoNCE(v, g) + lambda_rank * L_rank(S^I(v), S^G)
+    + lambda_distill * InfoNCE(v, w)``, with ``v = f(strong view)``, ``w = f_t(weak view)``,
+    ``g = h(log-normalised expression)``; all embeddings L2-normalised.
+
+    Parameters
+    ----------
+    n_genes
+        Panel size.
+    backbone
+        Image backbone; ``None`` when images are replaced by precomputed features.
+    n_input_features
+        Size of precomputed features (when ``backbone`` is ``None``).
+    n_latent
+        Embedding size.
+    dropout
+        Dropout in the projection heads.
+    tau
+        Temperature of the contrastive and distillation InfoNCE.
+    tau_rank
+        Temperature of the ranking loss.
+    lambda_contrastive, lambda_rank, lambda_distill
+        Weights of the three terms; 0 switches a term off (ablations are runs of the same code).
+    rank_scales
+        Neighbourhood sizes of the multi-scale ranking loss; ``None`` = the whole batch.
+    rank_delta
+        Gene-side similarity differences at or below this are not ranked.
+    rank_target
+        Gene-side similarity: of gene embeddings (``"embedding"``) or of expression profiles.
+    rank_n_pairs
+        Sampled pairs per anchor (``None``: all pairs).
+    is_log_normalized
+        Expression is already log-normalised; else counts are normalised to ``target_sum``
+        and log1p-transformed here.
+    feature_noise
+        With precomputed features, dropout on the student's features (its "strong view").
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        backbone: Backbone | None,
+        n_input_features: int | None = None,
+        n_latent: int = 256,
+        dropout: float = 0.1,
+        tau: float = 0.07,
+        tau_rank: float = 0.05,
+        lambda_contrastive: float = 1.0,
+        lambda_rank: float = 5.0,
+        lambda_distill: float = 1.0,
+        rank_scales: Sequence[int | None] = (8, 32, None),
+        rank_delta: float = 0.0,
+        rank_target: Literal["embedding", "expression"] = "embedding",
+        rank_n_pairs: int | None = None,
+        is_log_normalized: bool = False,
+        target_sum: float = 1e4,
+        feature_noise: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if backbone is None and n_input_features is None:
+            raise ValueError("Give an image backbone or the size of precomputed features.")
+        if rank_target not in ("embedding", "expression"):
+            raise ValueError(
+                f"rank_target must be 'embedding' or 'expression'; got {rank_target!r}."
+            )
+        n_features = backbone.n_features if backbone is not None else int(n_input_features)
+        self.uses_features = backbone is None
+        self.student_backbone = backbone.module if backbone is not None else nn.Identity()
+        self.student_head = ProjectionHead(n_features, n_latent, dropout)
+        self.teacher_backbone = make_teacher(self.student_backbone)
+        self.teacher_head = make_teacher(self.student_head)
+        self.gene_head = ProjectionHead(n_genes, n_latent, dropout)
+        self.feature_dropout = nn.Dropout(feature_noise) if self.uses_features else nn.Identity()
+        self.n_features = n_features
+        self.n_latent = n_latent
+        self.tau = tau
+        self.tau_rank = tau_rank
+        self.lambda_contrastive = lambda_contrastive
+        self.lambda_rank = lambda_rank
+        self.lambda_distill = lambda_distill
+        self.rank_scales = tuple(rank_scales)
+        self.rank_delta = rank_delta
+        self.rank_target = rank_target
+        self.rank_n_pairs = rank_n_pairs
+        self.is_log_normalized = is_log_normalized
+        self.target_sum = target_sum
+
+    # -- encoders -------------------------------------------------------------------------
+    def log_normalize(self, expression: torch.Tensor) -> torch.Tensor:
+        """Library-size normalisation and log1p, unless the input already is."""
+        expression = expression.float()
+        if self.is_log_normalized:
+            return expression
+        size = expression.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return torch.log1p(expression / size * self.target_sum)
+
+    def embed_genes(self, expression: torch.Tensor) -> torch.Tensor:
+        """L2-normalised gene embeddings g = h(e)."""
+        return nn.functional.normalize(self.gene_head(self.log_normalize(expression)), dim=-1)
+
+    def embed_images(
+        self,
+        images: torch.Tensor,
+        teacher: bool = True,
+        kind: Literal["embedding", "backbone"] = "embedding",
+    ) -> torch.Tensor:
+        """Image representations: backbone features or L2-normalised embeddings.
+
+        The teacher (EMA) encoder is the one used for representations after training.
+        """
+        backbone = self.teacher_backbone if teacher else self.student_backbone
+        head = self.teacher_head if teacher else self.student_head
+        features = backbone(images)
+        if kind == "backbone":
+            return features
+        return nn.functional.normalize(head(features), dim=-1)
+
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step of the teacher towards the student."""
+        update_ema(self.student_backbone, self.teacher_backbone, momentum)
+        update_ema(self.student_head, self.teacher_head, momentum)
+
+    # -- scvi-tools module interface ------------------------------------------------------
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
+        key = FEATURES if self.uses_features else IMAGE
+        weak = tensors.get(IMAGE_WEAK, tensors[key])
+        return {"images": tensors[key], "images_weak": weak, "expression": tensors[EXPRESSION]}
+
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
+        return {}
+
+    def inference(
+        self, images: torch.Tensor, images_weak: torch.Tensor, expression: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        student_input = self.feature_dropout(images)
+        v = nn.functional.normalize(self.student_head(self.student_backbone(student_input)), -1)
+        with torch.no_grad():
+            w = self.embed_images(images_weak, teacher=True)
+        g = self.embed_genes(expression)
+        return {"v": v, "w": w, "g": g, "expression": self.log_normalize(expression)}
+
+    def generative(self) -> dict:
+        return {}
+
+    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
+        v, w, g = inference_outputs["v"], inference_outputs["w"], inference_outputs["g"]
+        distributed = get_rank_world_size()[1] > 1
+        zero = v.new_zeros(())
+        contrastive = (
+            info_nce(v, g, self.tau, gather_distributed=distributed)
+            if self.lambda_contrastive
+            else zero
+        )
+        image_sim = cosine_similarity_matrix(v)
+        if self.rank_target == "expression":
+            gene_sim = expression_similarity(inference_outputs["expression"])
+        else:
+            gene_sim = cosine_similarity_matrix(g)
+        rank = (
+            ranking_consistency_loss(
+                image_sim,
+                gene_sim,
+                scales=self.rank_scales,
+                tau=self.tau_rank,
+                delta=self.rank_delta,
+                n_pairs=self.rank_n_pairs,
+            )
+            if self.lambda_rank
+            else zero
+        )
+        distill = (
+            distillation_loss(v, w, self.tau, gather_distributed=distributed)
+            if self.lambda_distill
+            else zero
+        )
+        total = (
+            self.lambda_contrastive * contrastive
+            + self.lambda_rank * rank
+            + self.lambda_distill * distill
+        )
+        with torch.no_grad():
+            agreement = rank_agreement(image_sim.detach(), gene_sim.detach())
+        return LossOutput(
+            loss=total,
+            n_obs_minibatch=v.shape[0],
+            extra_metrics={
+                "contrastive": contrastive.detach(),
+                "rank": rank.detach(),
+                "distill": distill.detach(),
+                "rank_agreement": agreement,
+            },
+        )
