@@ -1,8 +1,8 @@
 """Read and validate the scanpy/squidpy spatial layout of an AnnData.
 
-One place that knows where a library's pixels are (a full-resolution file on disk, or the sharpest
-in-memory image and its scale factor), so that every reader of patches agrees, and every error
-about the layout names the key at fault before any work starts.
+One place that knows where a library's pixels are (a full-resolution file on disk, the sharpest
+in-memory image and its scale factor, or an HDF5 file of precomputed patches), so that every reader
+of patches agrees, and every error about the layout names the key at fault before any work starts.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from anndata import AnnData
@@ -18,7 +18,17 @@ from anndata import AnnData
 from rankbygene._constants import METADATA_SOURCE_IMAGE, SCALEFACTOR_SPOT_DIAMETER, SPATIAL_KEY
 from rankbygene.io._image import ImageReader, open_image
 
-__all__ = ["ImageSource", "image_sources", "spatial_coordinates", "spot_libraries"]
+__all__ = [
+    "METADATA_PATCHES_PATH",
+    "ImageSource",
+    "image_sources",
+    "spatial_coordinates",
+    "spot_libraries",
+]
+
+#: ``uns["spatial"][library]["metadata"]`` key of an HDF5 file of precomputed patches (HEST-1k
+#: layout: datasets ``img`` ``(N, h, w, 3)`` and ``barcode`` ``(N,)`` or ``(N, 1)``).
+METADATA_PATCHES_PATH = "patches_path"
 
 
 @dataclass(frozen=True)
@@ -30,13 +40,17 @@ class ImageSource:
     library_id
         Key in ``uns["spatial"]``.
     spot_diameter_fullres
-        Spot diameter in full-resolution pixels.
+        Spot diameter in full-resolution pixels (NaN for a library of precomputed patches whose
+        metadata lacks it).
     path
         Full-resolution image file, read lazily; ``None`` when the pixels are in memory.
     image_key
         Key in ``uns["spatial"][library_id]["images"]`` of the in-memory image used.
     scale
         Image pixels per full-resolution pixel (1 for a file; ``tissue_<key>_scalef`` otherwise).
+    patches_path
+        HDF5 file of precomputed patches (``metadata["patches_path"]``), used only when the library
+        has no image; patches are matched to spots by ``obs_names`` against its ``barcode``.
     """
 
     library_id: str
@@ -44,9 +58,24 @@ class ImageSource:
     path: Path | None = None
     image_key: str | None = None
     scale: float = 1.0
+    patches_path: Path | None = None
+
+    @property
+    def kind(self) -> Literal["file", "memory", "patches"]:
+        """``"file"`` (image on disk), ``"memory"`` (``uns`` image) or ``"patches"`` (HDF5)."""
+        if self.path is not None:
+            return "file"
+        if self.image_key is not None:
+            return "memory"
+        return "patches"
 
     def open(self, adata: AnnData | None = None) -> ImageReader:
         """Open the pixels: the file, or the in-memory image of ``adata``."""
+        if self.kind == "patches":
+            raise ValueError(
+                f"Library {self.library_id!r} has precomputed patches ({self.patches_path}), not "
+                "an image: read them with rankbygene.data.PatchExtractor."
+            )
         if self.path is not None:
             return open_image(self.path)
         if adata is None:
@@ -63,6 +92,15 @@ def spatial_coordinates(adata: AnnData, spatial_key: str = SPATIAL_KEY) -> np.nd
         ``obsm[spatial_key]`` is missing.
     ValueError
         It is not ``(n_obs, 2)`` or holds NaN/inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from anndata import AnnData
+    >>> from rankbygene._layout import spatial_coordinates
+    >>> adata = AnnData(np.zeros((2, 1)), obsm={"spatial": np.array([[1, 2], [3, 4]])})
+    >>> spatial_coordinates(adata).dtype
+    dtype('float64')
     """
     if spatial_key not in adata.obsm:
         raise KeyError(
@@ -93,6 +131,16 @@ def spot_libraries(adata: AnnData, library_key: str | None = None) -> np.ndarray
 
     Without ``library_key``, ``uns["spatial"]`` must hold exactly one library (or none: then every
     spot gets library ``"0"``, for AnnData without images such as precomputed features).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from anndata import AnnData
+    >>> from rankbygene._layout import spot_libraries
+    >>> adata = AnnData(np.zeros((2, 1)))
+    >>> adata.obs["library_id"] = ["A1", "B1"]
+    >>> spot_libraries(adata, "library_id").tolist()
+    ['A1', 'B1']
     """
     if library_key is not None:
         if library_key not in adata.obs:
@@ -122,8 +170,42 @@ def image_sources(
 ) -> dict[str, ImageSource]:
     """Find, for each library, its pixels and spot diameter, or fail naming the missing key.
 
-    Prefers ``metadata["source_image_path"]`` (full resolution, read lazily) when the file exists,
-    else the in-memory image with the largest scale factor (or ``image_key`` when given).
+    Prefers ``metadata["source_image_path"]`` (full resolution, read lazily; a missing file is an
+    error), else the in-memory image with the largest scale factor (or ``image_key`` when given),
+    else ``metadata["patches_path"]``, an HDF5 file of precomputed patches.
+
+    Parameters
+    ----------
+    adata
+        AnnData in the scanpy/squidpy spatial layout.
+    libraries
+        Library ids (keys of ``uns["spatial"]``); duplicates are ignored.
+    image_key
+        Use this in-memory image (e.g. ``"hires"``) rather than the source image file.
+
+    Returns
+    -------
+    Library id to :class:`ImageSource`, in the order of first appearance.
+
+    Raises
+    ------
+    KeyError
+        ``uns["spatial"]``, a library, its spot diameter, image or scale factor is missing.
+    FileNotFoundError
+        ``metadata["source_image_path"]`` or ``metadata["patches_path"]`` names a missing file.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from anndata import AnnData
+    >>> from rankbygene._layout import image_sources
+    >>> adata = AnnData(np.zeros((2, 1)), obsm={"spatial": np.zeros((2, 2))})
+    >>> adata.uns["spatial"] = {"lib": {
+    ...     "images": {"hires": np.zeros((50, 50, 3), np.uint8)},
+    ...     "scalefactors": {"tissue_hires_scalef": 0.5, "spot_diameter_fullres": 20.0}}}
+    >>> image_sources(adata, ["lib"])["lib"]
+    ImageSource(library_id='lib', spot_diameter_fullres=20.0, path=None, image_key='hires', \
+scale=0.5, patches_path=None)
     """
     spatial = adata.uns.get(SPATIAL_KEY)
     if not isinstance(spatial, dict) or not spatial:
@@ -132,7 +214,7 @@ def image_sources(
             "patches (or use features_key with precomputed features)."
         )
     sources = {}
-    for library_id in dict.fromkeys(libraries):
+    for library_id in dict.fromkeys(str(lib) for lib in libraries):
         if library_id not in spatial:
             raise KeyError(
                 f"Library {library_id!r} is not in adata.uns[{SPATIAL_KEY!r}] "
@@ -144,44 +226,94 @@ def image_sources(
 
 def _image_source(entry: dict[str, Any], library_id: str, image_key: str | None) -> ImageSource:
     where = f"adata.uns['spatial'][{library_id!r}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a dict with 'images' and 'scalefactors'.")
     scalefactors = entry.get("scalefactors") or {}
-    diameter = scalefactors.get(SCALEFACTOR_SPOT_DIAMETER)
-    if diameter is None or not np.isfinite(diameter) or float(diameter) <= 0:
+    metadata = entry.get("metadata") or {}
+    diameter = _spot_diameter(scalefactors)
+    patches_path = metadata.get(METADATA_PATCHES_PATH)
+    source = _pixels_source(entry, where, library_id, image_key, scalefactors, metadata)
+    if source is None:
+        if not patches_path:
+            raise KeyError(
+                f"{where} has no image: neither ['images'], ['metadata']"
+                f"[{METADATA_SOURCE_IMAGE!r}] nor ['metadata'][{METADATA_PATCHES_PATH!r}]."
+            )
+        if not Path(patches_path).is_file():
+            raise FileNotFoundError(
+                f"{where}['metadata'][{METADATA_PATCHES_PATH!r}] points to a missing file: "
+                f"{patches_path}"
+            )
+        # Precomputed patches carry their own geometry: the diameter is informative only.
+        return ImageSource(
+            library_id, np.nan if diameter is None else diameter, patches_path=Path(patches_path)
+        )
+    if diameter is None:
         raise KeyError(
             f"{where}['scalefactors'][{SCALEFACTOR_SPOT_DIAMETER!r}] is missing or not positive: "
             "the patch size is derived from it."
         )
-    diameter = float(diameter)
-    path = (entry.get("metadata") or {}).get(METADATA_SOURCE_IMAGE)
+    return ImageSource(library_id, diameter, **source)
+
+
+def _spot_diameter(scalefactors: dict[str, Any]) -> float | None:
+    diameter = scalefactors.get(SCALEFACTOR_SPOT_DIAMETER)
+    try:
+        diameter = float(diameter)
+    except (TypeError, ValueError):
+        return None
+    return diameter if np.isfinite(diameter) and diameter > 0 else None
+
+
+def _pixels_source(
+    entry: dict[str, Any],
+    where: str,
+    library_id: str,
+    image_key: str | None,
+    scalefactors: dict[str, Any],
+    metadata: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Keyword arguments of the library's image source, or ``None`` when it has no image."""
+    images = entry.get("images") or {}
+    path = metadata.get(METADATA_SOURCE_IMAGE)
     if image_key is None and path:
         if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"{where}['metadata'][{METADATA_SOURCE_IMAGE!r}] points to a missing file: {path}"
+            hint = (
+                f" Pass image_key (one of {list(images)}) to use an in-memory image instead."
+                if images
+                else ""
             )
-        return ImageSource(library_id, diameter, path=Path(path))
-    images = entry.get("images") or {}
-    if image_key is not None:
+            raise FileNotFoundError(
+                f"{where}['metadata'][{METADATA_SOURCE_IMAGE!r}] points to a missing file: "
+                f"{path}.{hint}"
+            )
+        return {"path": Path(path)}
+    if image_key is not None and images:
         if image_key not in images:
             raise KeyError(f"{where}['images'] has no {image_key!r} (keys: {list(images)}).")
         candidates = [image_key]
     else:
         candidates = list(images)
     if not candidates:
-        raise KeyError(
-            f"{where} has no image: neither ['images'] nor ['metadata'][{METADATA_SOURCE_IMAGE!r}]."
-        )
+        return None
     scales = {}
     for key in candidates:
         factor = scalefactors.get(f"tissue_{key}_scalef")
-        if factor is None or not float(factor) > 0:
+        try:
+            factor = float(factor)
+        except (TypeError, ValueError):
+            factor = float("nan")
+        if not (np.isfinite(factor) and factor > 0):
             if image_key is not None:
-                raise KeyError(f"{where}['scalefactors']['tissue_{key}_scalef'] is missing.")
+                raise KeyError(
+                    f"{where}['scalefactors']['tissue_{key}_scalef'] is missing or not positive."
+                )
             continue
-        scales[key] = float(factor)
+        scales[key] = factor
     if not scales:
         raise KeyError(
             f"{where}['scalefactors'] has no tissue_<image>_scalef for any of the images "
             f"{candidates}."
         )
     best = max(scales, key=scales.get)
-    return ImageSource(library_id, diameter, image_key=best, scale=scales[best])
+    return {"image_key": best, "scale": scales[best]}

@@ -1,0 +1,25 @@
+"""Patch pipeline: per-spot image patches, their caches, augmentations and a torch Dataset."""
+
+from rankbygene.data._dataset import SpotPatchDataset
+from rankbygene.data._patches import PatchExtractor
+from rankbygene.data._transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PatchTransform,
+    RandomRot90,
+    eval_transform,
+    strong_transform,
+    weak_transform,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PatchExtractor",
+    "PatchTransform",
+    "RandomRot90",
+    "SpotPatchDataset",
+    "eval_transform",
+    "strong_transform",
+    "weak_transform",
+]

@@ -1,0 +1,608 @@
+"""Per-spot image patches of an AnnData, read lazily from each library's image, maybe cached."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from anndata import AnnData
+
+from rankbygene._constants import SPATIAL_KEY
+from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
+from rankbygene._logging import logger
+from rankbygene.io._image import BACKGROUND, ArrayImage, _resize, as_rgb_uint8, open_image
+
+__all__ = ["PatchExtractor"]
+
+_CACHE_FORMAT = 1  # bump when the pixels produced for the same inputs change
+_OUT_OF_BOUNDS = ("raise", "pad", "drop")
+_CACHES = (None, "memory", "disk")
+
+
+class PatchExtractor:
+    """Image patches centred on the spots of an AnnData, one or several libraries.
+
+    The patch of a spot is the square of side ``spot_diameter_fullres * patch_scale``
+    full-resolution pixels centred on ``obsm[spatial_key]``, read from the library's image (the
+    ``metadata["source_image_path"]`` file, lazily, else the sharpest in-memory image in ``uns``,
+    with its scale factor) and resized to ``patch_size``. Libraries with no image but a
+    ``metadata["patches_path"]`` HDF5 of precomputed patches (HEST-1k) read the row whose
+    ``barcode`` is the spot's obs name, resized to ``patch_size``.
+
+    Everything is validated at construction, before any pixel is decoded. At most
+    ``max_open_images`` images are open at a time (least recently used closed first), so a cohort
+    of full-resolution slides is never in memory at once; open images are not pickled, so the
+    extractor travels into DataLoader workers, which reopen images as needed.
+
+    Parameters
+    ----------
+    adata
+        AnnData in the scanpy/squidpy spatial layout. Only what is needed is kept (coordinates,
+        library of each spot, image sources, references to in-memory images); it is not modified.
+    library_key
+        Column of ``obs`` naming each spot's library; needed when ``uns["spatial"]`` has several.
+    spatial_key
+        Key in ``obsm`` of the spot centres ``(x, y)`` in full-resolution pixels.
+    image_key
+        Use this in-memory image (e.g. ``"hires"``) of each library instead of its source file.
+    patch_scale
+        Patch side in spot diameters (more than 1 adds context around the spot).
+    patch_size
+        Side in pixels of the returned patches (the encoder's input size).
+    out_of_bounds
+        Spots whose patch extends beyond the image (or, for precomputed patches, that have no
+        row in the file): ``"raise"`` an error counting them per library, ``"pad"`` with white,
+        or ``"drop"`` them (see :attr:`valid` and :attr:`indices`).
+    cache
+        Keep decoded patches: ``"memory"`` (a uint8 array of all kept patches) or ``"disk"`` (a
+        ``.npy`` memory map under ``cache_dir``, reused by later runs on the same inputs).
+        :meth:`materialize` fills it. ``None`` decodes on every access.
+    cache_dir
+        Folder of the disk cache; by default ``rankbygene_patches`` in the system temporary folder.
+    max_open_images
+        Images kept open (decoded, for JPEG/PNG) at once.
+
+    Attributes
+    ----------
+    n_obs
+        Number of spots in the AnnData.
+    valid
+        Boolean mask over ``adata.obs`` of the spots that have a patch (all but the dropped ones).
+    indices
+        Positions in the AnnData of those spots (``np.flatnonzero(valid)``).
+    libraries
+        Library ids, in order of first appearance.
+    sources
+        Library id to :class:`~rankbygene._layout.ImageSource`.
+
+    Notes
+    -----
+    Indexing is by position in the AnnData: ``extractor[i]`` is the patch of ``adata.obs_names[i]``
+    and ``len(extractor) == adata.n_obs``; a dropped spot raises ``ValueError``, so iterate over
+    :attr:`indices`. Random access across libraries reopens (and, for JPEG/PNG, fully decodes)
+    images; for training, use a cache and call :meth:`materialize` first (in the main process, so
+    that DataLoader workers share it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from anndata import AnnData
+    >>> from rankbygene.data import PatchExtractor
+    >>> adata = AnnData(np.zeros((2, 1)), obsm={"spatial": np.array([[20.0, 20.0], [60.0, 30.0]])})
+    >>> adata.uns["spatial"] = {"lib": {
+    ...     "images": {"hires": np.zeros((50, 100, 3), np.uint8)},
+    ...     "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 16.0}}}
+    >>> patches = PatchExtractor(adata, patch_size=32)
+    >>> patches[1].shape, patches[1].dtype
+    ((32, 32, 3), dtype('uint8'))
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        library_key: str | None = None,
+        spatial_key: str = SPATIAL_KEY,
+        image_key: str | None = None,
+        patch_scale: float = 1.0,
+        patch_size: int = 224,
+        out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        cache: Literal["memory", "disk"] | None = None,
+        cache_dir: str | Path | None = None,
+        max_open_images: int = 1,
+    ) -> None:
+        _check_options(patch_scale, patch_size, out_of_bounds, cache, max_open_images)
+        if adata.n_obs == 0:
+            raise ValueError("adata has no spots (n_obs == 0).")
+        coords = spatial_coordinates(adata, spatial_key)
+        spot_library = spot_libraries(adata, library_key)
+        libraries = list(dict.fromkeys(str(lib) for lib in spot_library))
+        sources = image_sources(adata, libraries, image_key=image_key)
+
+        self.n_obs = adata.n_obs
+        self.patch_scale = float(patch_scale)
+        self.patch_size = int(patch_size)
+        self.out_of_bounds = out_of_bounds
+        self.max_open_images = int(max_open_images)
+        self.libraries = libraries
+        self.sources = sources
+        # codes in order of first appearance, so they index self.libraries
+        order = {lib: i for i, lib in enumerate(libraries)}
+        self._library_code = np.array([order[str(lib)] for lib in spot_library], dtype=np.int32)
+        self._coords = coords
+        self._arrays: dict[str, np.ndarray] = {}
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._rows = np.full(self.n_obs, -1, dtype=np.int64)  # row in a patches file
+        self._boxes = np.zeros((self.n_obs, 3), dtype=np.float64)  # x0, y0, side in image pixels
+        inside = np.ones(self.n_obs, dtype=bool)
+        obs_names = adata.obs_names.astype(str).to_numpy()
+        for code, lib in enumerate(libraries):
+            source = sources[lib]
+            spots = np.flatnonzero(self._library_code == code)
+            if source.kind == "patches":
+                self._shapes[lib], rows = _match_patch_rows(source, obs_names[spots])
+                self._rows[spots] = rows
+                inside[spots] = rows >= 0
+                continue
+            if source.kind == "memory":
+                array = _memory_image(adata, source)
+                self._arrays[lib] = array
+                self._shapes[lib] = tuple(array.shape[:2])
+            else:
+                with open_image(source.path) as reader:  # the header only, nothing decoded
+                    self._shapes[lib] = tuple(reader.shape)
+            side = source.spot_diameter_fullres * self.patch_scale * source.scale
+            centres = coords[spots] * source.scale
+            self._boxes[spots, 0] = centres[:, 0] - side / 2
+            self._boxes[spots, 1] = centres[:, 1] - side / 2
+            self._boxes[spots, 2] = side
+            inside[spots] = _inside(self._boxes[spots], self._shapes[lib])
+            if side * 4 < self.patch_size:
+                logger.warning(
+                    f"Library {lib!r}: a patch spans {side:.1f} pixels of its "
+                    f"{source.kind} image, upsampled to {self.patch_size}: patches will be blurry "
+                    "(use a higher-resolution image)."
+                )
+        if self.patch_scale != 1.0:
+            fixed = [lib for lib in libraries if sources[lib].kind == "patches"]
+            if fixed:
+                logger.warning(f"patch_scale is ignored for precomputed patches of {fixed}.")
+        self.valid = self._resolve_out_of_bounds(inside)
+        self.indices = np.flatnonzero(self.valid)
+        self._slot = np.full(self.n_obs, -1, dtype=np.int64)  # position in the cache
+        self._slot[self.indices] = np.arange(len(self.indices))
+
+        self.cache = cache
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._store: np.ndarray | None = None  # cached patches, one row per kept spot
+        self._filled: np.ndarray | None = None
+        self._cache_path: Path | None = None
+        if cache == "disk":
+            directory = self.cache_dir or Path(tempfile.gettempdir()) / "rankbygene_patches"
+            self._cache_path = directory / f"patches_{self._cache_digest()}.npy"
+            self._open_disk_cache(create=True)
+        elif cache == "memory":
+            self._allocate_memory_cache()
+
+        self._readers: OrderedDict[str, Any] = OrderedDict()
+        self._inherited: list[Any] = []
+        self._pid = os.getpid()
+        self._opened: set[str] = set()
+        self._reopens = 0
+        self._warned_thrash = False
+
+    # ------------------------------------------------------------------ public API
+
+    def __len__(self) -> int:
+        return self.n_obs
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """The uint8 ``(patch_size, patch_size, 3)`` patch of the spot at AnnData position ``i``."""
+        if isinstance(index, slice | np.ndarray | list | tuple):
+            raise TypeError("Index one spot at a time (an int position in the AnnData).")
+        i = int(index)
+        if i < 0:
+            i += self.n_obs
+        if not 0 <= i < self.n_obs:
+            raise IndexError(f"Spot {index} is out of range for {self.n_obs} spots.")
+        slot = self._slot[i]
+        if slot < 0:
+            raise ValueError(
+                f"Spot {i} was dropped (out_of_bounds='drop'): its patch leaves the image. "
+                "Iterate over .indices, the spots kept."
+            )
+        if self._store is None and self.cache == "disk":
+            self._open_disk_cache(create=False)
+        if self._filled is not None and self._filled[slot]:
+            return np.array(self._store[slot])
+        patch = self._read(i)
+        if self._store is not None:
+            self._store[slot] = patch
+            self._filled[slot] = True  # after the pixels, so a reader never sees a half patch
+        return patch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Patches of the kept spots, in AnnData order."""
+        for i in self.indices:
+            yield self[i]
+
+    @property
+    def n_cached(self) -> int:
+        """Number of kept spots whose patch is in the cache."""
+        if self.cache is None:
+            return 0
+        if self._filled is None and self.cache == "disk":
+            self._open_disk_cache(create=False)
+        return int(np.count_nonzero(self._filled))
+
+    @property
+    def cache_path(self) -> Path | None:
+        """The ``.npy`` file of the disk cache (its filled mask is beside it), else ``None``."""
+        return self._cache_path
+
+    @property
+    def open_libraries(self) -> tuple[str, ...]:
+        """Libraries whose image is open in this process, least recently used first."""
+        self._check_process()
+        return tuple(self._readers)
+
+    def materialize(self, progress: bool = True) -> PatchExtractor:
+        """Fill the cache, library by library, one image open at a time.
+
+        Spots already cached (e.g. by an earlier run with the disk cache) are skipped; an
+        interrupted run keeps what it filled.
+
+        Parameters
+        ----------
+        progress
+            Show a progress bar.
+
+        Returns
+        -------
+        The extractor itself.
+
+        Examples
+        --------
+        >>> patches = PatchExtractor(adata, cache="disk").materialize()  # doctest: +SKIP
+        """
+        from tqdm.auto import tqdm
+
+        if self.cache is None:
+            raise ValueError("materialize() needs a cache: pass cache='memory' or cache='disk'.")
+        if self._store is None:
+            self._open_disk_cache(create=True)
+        todo = np.flatnonzero(~self._filled)
+        n_before = len(self.indices) - len(todo)
+        bar = tqdm(total=len(todo), disable=not progress, desc="Extracting patches", unit="patch")
+        try:
+            codes = self._library_code[self.indices[todo]]
+            for code, lib in enumerate(self.libraries):
+                slots = todo[codes == code]
+                if not len(slots):
+                    continue
+                bar.set_postfix_str(lib, refresh=False)
+                for slot in slots:
+                    self._store[slot] = self._read(int(self.indices[slot]))
+                    self._filled[slot] = True
+                    bar.update()
+                self._release(lib)  # one decoded image at a time
+                self._flush()
+        finally:
+            bar.close()
+            self._flush()
+        where = f"in {self._cache_path}" if self.cache == "disk" else "in memory"
+        logger.info(
+            f"cached {len(todo)} patches {where} ({n_before} were already cached; "
+            f"{len(self.indices)} in all)"
+        )
+        return self
+
+    def close(self) -> None:
+        """Close open images and flush the disk cache."""
+        self._check_process()
+        for lib in list(self._readers):
+            self._release(lib)
+        self._flush()
+
+    def __enter__(self) -> PatchExtractor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # Open files and decoded images stay behind; the receiver reopens what it needs.
+        state["_readers"] = OrderedDict()
+        state["_inherited"] = []
+        state["_pid"] = None
+        if self.cache == "disk":
+            state["_store"] = state["_filled"] = None  # reopened as a shared memory map
+        elif self._filled is not None and not self._filled.any():
+            state["_store"] = state["_filled"] = None  # nothing worth shipping
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+        if self.cache == "memory" and self._store is None:
+            self._allocate_memory_cache()
+
+    def __repr__(self) -> str:
+        kept = f"{len(self.indices)}/{self.n_obs} spots"
+        return (
+            f"PatchExtractor({kept}, {len(self.libraries)} libraries, "
+            f"patch_size={self.patch_size}, patch_scale={self.patch_scale}, cache={self.cache!r})"
+        )
+
+    # ------------------------------------------------------------------ reading
+
+    def _read(self, i: int) -> np.ndarray:
+        lib = self.libraries[self._library_code[i]]
+        handle = self._handle(lib)
+        if self.sources[lib].kind == "patches":
+            row = self._rows[i]
+            if row < 0:
+                return np.full((self.patch_size, self.patch_size, 3), BACKGROUND, dtype=np.uint8)
+            return handle.read(int(row), self.patch_size)
+        x0, y0, side = self._boxes[i]
+        return handle.read_region(x0, y0, side, side, out_size=self.patch_size)
+
+    def _handle(self, lib: str) -> Any:
+        self._check_process()
+        reader = self._readers.get(lib)
+        if reader is not None:
+            self._readers.move_to_end(lib)
+            return reader
+        source = self.sources[lib]
+        if source.kind == "memory":
+            array = self._arrays[lib]
+            if array.dtype == np.uint8 and array.ndim == 3 and array.shape[-1] == 3:
+                return ArrayImage(array)  # a view: costs nothing, so not counted as open
+        # close before opening, so that no more than max_open_images are ever open
+        while len(self._readers) >= self.max_open_images:
+            self._release(next(iter(self._readers)))
+        if source.kind == "memory":
+            reader = open_image(self._arrays[lib])  # a converted copy
+        elif source.kind == "patches":
+            reader = _PatchFile(source.patches_path)
+        else:
+            reader = open_image(source.path)
+        if lib in self._opened and source.kind != "memory":
+            self._reopens += 1
+            self._warn_thrash()
+        self._opened.add(lib)
+        self._readers[lib] = reader
+        return reader
+
+    def _release(self, lib: str) -> None:
+        reader = self._readers.pop(lib, None)
+        if reader is not None:
+            reader.close()
+
+    def _check_process(self) -> None:
+        # A forked DataLoader worker inherits the parent's open files: sharing a file offset
+        # with the parent is unsafe, so it opens its own and leaves the inherited ones untouched.
+        if self._pid != os.getpid():
+            self._inherited.extend(self._readers.values())
+            self._readers = OrderedDict()
+            self._pid = os.getpid()
+
+    def _warn_thrash(self) -> None:
+        if self._warned_thrash or self._reopens < max(3, len(self.libraries)):
+            return
+        self._warned_thrash = True
+        logger.warning(
+            f"Images were reopened {self._reopens} times: spots are read across libraries in an "
+            f"order that defeats max_open_images={self.max_open_images}. Use cache='memory' or "
+            "'disk' with materialize(), or raise max_open_images."
+        )
+
+    # ------------------------------------------------------------------ validation
+
+    def _resolve_out_of_bounds(self, inside: np.ndarray) -> np.ndarray:
+        outside = ~inside
+        if not outside.any() or self.out_of_bounds == "pad":
+            return np.ones(self.n_obs, dtype=bool)
+        counts = {
+            lib: (
+                int(np.count_nonzero(outside[self._library_code == code])),
+                int(np.count_nonzero(self._library_code == code)),
+            )
+            for code, lib in enumerate(self.libraries)
+        }
+        detail = ", ".join(f"{lib!r}: {n} of {total}" for lib, (n, total) in counts.items() if n)
+        what = (
+            "whose patch extends beyond the image"
+            " (or, for precomputed patches, that have no row in the patches file)"
+        )
+        if outside.all():
+            hint = (
+                " None has a patch: are obsm coordinates in full-resolution pixels, and is the "
+                "image the one they refer to?"
+            )
+        else:
+            hint = ""
+        if self.out_of_bounds == "drop":
+            if outside.all():
+                raise ValueError(f"All {self.n_obs} spots would be dropped ({detail}).{hint}")
+            logger.info(f"dropped {int(outside.sum())} spots {what} ({detail})")
+            return inside.copy()
+        raise ValueError(
+            f"{int(outside.sum())} spots {what} ({detail}). Pass out_of_bounds='pad' to fill the "
+            f"missing pixels with white, or out_of_bounds='drop' to exclude them.{hint}"
+        )
+
+    # ------------------------------------------------------------------ caches
+
+    def _allocate_memory_cache(self) -> None:
+        size = self.patch_size
+        # np.empty commits no memory until a patch is written
+        self._store = np.empty((len(self.indices), size, size, 3), dtype=np.uint8)
+        self._filled = np.zeros(len(self.indices), dtype=bool)
+
+    def _open_disk_cache(self, create: bool) -> None:
+        path = self._cache_path
+        mask_path = path.with_suffix(".filled.npy")
+        shape = (len(self.indices), self.patch_size, self.patch_size, 3)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store, fresh = _open_or_create(path, shape, np.uint8)
+            # A mask is only trusted beside the pixels it was filled with.
+            filled, _ = _open_or_create(mask_path, (shape[0],), np.bool_, replace=fresh)
+        else:
+            if not (path.is_file() and mask_path.is_file()):
+                raise FileNotFoundError(f"The patch cache {path} is gone; build a new extractor.")
+            store = np.load(path, mmap_mode="r+")
+            filled = np.load(mask_path, mmap_mode="r+")
+        self._store, self._filled = store, filled
+        if create:
+            logger.info(f"patch cache {path}: {int(filled.sum())} of {shape[0]} patches cached")
+
+    def _flush(self) -> None:
+        if self.cache == "disk" and self._store is not None:
+            self._store.flush()
+            self._filled.flush()
+
+    def _cache_digest(self) -> str:
+        """Hash of everything that determines the cached pixels and their order."""
+        h = hashlib.blake2b(digest_size=16)
+
+        def add(*parts: Any) -> None:
+            for part in parts:
+                h.update(part if isinstance(part, bytes | memoryview) else repr(part).encode())
+                h.update(b"\x00")
+
+        add(_CACHE_FORMAT, self.patch_scale, self.patch_size, len(self.indices))
+        add(self.indices.astype(np.int64).tobytes(), self._coords.tobytes())
+        add(self._library_code.tobytes(), tuple(self.libraries))
+        for lib in self.libraries:
+            source = self.sources[lib]
+            add(lib, source.kind, source.scale, source.spot_diameter_fullres, self._shapes[lib])
+            if source.kind == "memory":
+                add(memoryview(np.ascontiguousarray(self._arrays[lib])).cast("B"))
+            else:
+                path = source.path if source.kind == "file" else source.patches_path
+                stat = path.stat()
+                add(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+                if source.kind == "patches":
+                    add(self._rows[self._library_code == self.libraries.index(lib)].tobytes())
+        return h.hexdigest()
+
+
+class _PatchFile:
+    """Rows of an HDF5 file of precomputed patches (``img``), opened lazily."""
+
+    def __init__(self, path: Path) -> None:
+        import h5py
+
+        self.path = path
+        self._file = h5py.File(path, "r")
+        self._images = self._file["img"]
+
+    def read(self, row: int, size: int) -> np.ndarray:
+        patch = as_rgb_uint8(np.asarray(self._images[row]), name=f"{self.path}['img'][{row}]")
+        return _resize(np.ascontiguousarray(patch), size)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _match_patch_rows(source: ImageSource, names: np.ndarray) -> tuple[tuple[int, int], np.ndarray]:
+    """Shape of the stored patches and, per spot, its row in the file (-1 when absent)."""
+    import h5py
+
+    path = source.patches_path
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("img", "barcode"):
+                if key not in f:
+                    raise KeyError(
+                        f"Patches file {path} (library {source.library_id!r}) has no dataset "
+                        f"{key!r} (datasets: {list(f.keys())})."
+                    )
+            shape = f["img"].shape
+            barcodes = np.asarray(f["barcode"][()]).reshape(-1)
+    except OSError as err:
+        raise ValueError(f"Could not read patches file {path}: {err}") from err
+    if len(shape) != 4 or shape[-1] not in (3, 4) or shape[0] != len(barcodes):
+        raise ValueError(
+            f"Patches file {path}: 'img' must be (N, h, w, 3) with one barcode per row; got "
+            f"{shape} and {len(barcodes)} barcodes."
+        )
+    barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in barcodes]
+    row_of = {barcode: row for row, barcode in enumerate(barcodes)}
+    rows = np.array([row_of.get(str(name), -1) for name in names], dtype=np.int64)
+    return (int(shape[1]), int(shape[2])), rows
+
+
+def _memory_image(adata: AnnData, source: ImageSource) -> np.ndarray:
+    image = adata.uns[SPATIAL_KEY][source.library_id]["images"][source.image_key]
+    array = np.asarray(image)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(
+            f"adata.uns['spatial'][{source.library_id!r}]['images'][{source.image_key!r}] must be "
+            f"(H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}."
+        )
+    return array
+
+
+def _inside(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Whether each box lies in the image, with the rounding that ``read_region`` applies."""
+    height, width = shape
+    x0 = np.floor(boxes[:, 0])
+    y0 = np.floor(boxes[:, 1])
+    side = np.maximum(1, np.round(boxes[:, 2]))
+    return (x0 >= 0) & (y0 >= 0) & (x0 + side <= width) & (y0 + side <= height)
+
+
+def _open_or_create(
+    path: Path, shape: tuple[int, ...], dtype: Any, replace: bool = False
+) -> tuple[np.memmap, bool]:
+    """The ``.npy`` memory map at ``path`` (made when absent or unusable) and whether it is new."""
+    if path.is_file() and not replace:
+        try:
+            array = np.load(path, mmap_mode="r+")
+            if array.shape == tuple(shape) and array.dtype == dtype:
+                return array, False
+        except (ValueError, OSError):
+            pass  # unreadable or stale: start over
+        logger.warning(f"Replacing the unusable patch cache file {path}.")
+    # Write under a temporary name, then rename, so a concurrent run never sees half a header.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    os.close(fd)
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+    if dtype == np.bool_:
+        array[:] = False
+    array.flush()
+    del array
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r+"), True
+
+
+def _check_options(
+    patch_scale: float,
+    patch_size: int,
+    out_of_bounds: str,
+    cache: str | None,
+    max_open_images: int,
+) -> None:
+    if not (isinstance(patch_scale, int | float) and np.isfinite(patch_scale) and patch_scale > 0):
+        raise ValueError(f"patch_scale must be a positive number; got {patch_scale!r}.")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int | np.integer):
+        raise ValueError(f"patch_size must be a positive int; got {patch_size!r}.")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int; got {patch_size!r}.")
+    if out_of_bounds not in _OUT_OF_BOUNDS:
+        raise ValueError(f"out_of_bounds must be one of {_OUT_OF_BOUNDS}; got {out_of_bounds!r}.")
+    if cache not in _CACHES:
+        raise ValueError(f"cache must be None, 'memory' or 'disk'; got {cache!r}.")
+    if isinstance(max_open_images, bool) or not isinstance(max_open_images, int | np.integer):
+        raise ValueError(f"max_open_images must be a positive int; got {max_open_images!r}.")
+    if max_open_images < 1:
+        raise ValueError(f"max_open_images must be at least 1; got {max_open_images}.")

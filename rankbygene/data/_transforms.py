@@ -1,0 +1,208 @@
+"""Patch transforms: normalisation for inference and the method's strong/weak augmentation pair.
+
+Every transform takes a uint8 ``(H, W, 3)`` patch (numpy, as :class:`PatchExtractor` returns it,
+or a ``(3, H, W)`` uint8 tensor) and returns a normalised float32 ``(3, H, W)`` tensor. They are
+module-level classes, so they pickle into DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PatchTransform",
+    "RandomRot90",
+    "eval_transform",
+    "strong_transform",
+    "weak_transform",
+]
+
+#: ImageNet channel means and standard deviations (RGB, pixel values in [0, 1]).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class RandomRot90(torch.nn.Module):
+    """Rotate a ``(..., H, W)`` tensor by a random multiple of 90 degrees.
+
+    Histology has no canonical orientation, so all four rotations are equally likely. The draw uses
+    torch's generator, which DataLoader seeds per worker.
+    """
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        k = int(torch.randint(4, ()))
+        return torch.rot90(image, k, dims=(-2, -1)) if k else image
+
+
+class PatchTransform:
+    """uint8 patch -> (augmented) normalised float32 ``(3, H, W)`` tensor.
+
+    Parameters
+    ----------
+    augment
+        Transforms applied to the uint8 ``(3, H, W)`` tensor before normalisation (may be empty).
+    mean, std
+        Per-channel normalisation of pixel values in [0, 1].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.data import PatchTransform
+    >>> PatchTransform([])(np.zeros((8, 8, 3), np.uint8)).shape
+    torch.Size([3, 8, 8])
+    """
+
+    def __init__(
+        self,
+        augment: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        mean = IMAGENET_MEAN if mean is None else tuple(float(m) for m in mean)
+        std = IMAGENET_STD if std is None else tuple(float(s) for s in std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB); got {mean} and {std}.")
+        if min(std) <= 0:
+            raise ValueError(f"std must be positive; got {std}.")
+        self.mean, self.std = mean, std
+        self.augment = v2.Compose(list(augment)) if augment else None
+        self.normalize = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        )
+
+    def __call__(self, patch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        image = _as_chw_uint8(patch)
+        if self.augment is not None:
+            image = self.augment(image)
+        # v2 may hand back a tv_tensors subclass; collate and models want a plain tensor.
+        return self.normalize(image).as_subclass(torch.Tensor).contiguous()
+
+    def __repr__(self) -> str:
+        steps = self.augment.transforms if self.augment is not None else []
+        inner = ", ".join(type(t).__name__ for t in steps) or "no augmentation"
+        return f"PatchTransform({inner}; mean={self.mean}, std={self.std})"
+
+
+def _as_chw_uint8(patch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(patch, torch.Tensor):
+        image = patch
+    else:
+        array = np.asarray(patch)
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(f"Expected an (H, W, 3) patch; got shape {array.shape}.")
+        image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    if image.dtype != torch.uint8:
+        raise TypeError(f"Expected a uint8 patch; got {image.dtype}.")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"Expected a (3, H, W) tensor; got shape {tuple(image.shape)}.")
+    return image
+
+
+def eval_transform(
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> PatchTransform:
+    """Normalisation only, for inference and validation.
+
+    Parameters
+    ----------
+    mean, std
+        Per-channel statistics; ImageNet's by default (pass a timm model's
+        ``pretrained_cfg["mean"]`` / ``["std"]`` to match its pretraining).
+
+    Returns
+    -------
+    Callable: uint8 ``(H, W, 3)`` array -> float32 ``(3, H, W)`` tensor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.data import eval_transform
+    >>> x = eval_transform()(np.full((4, 4, 3), 255, np.uint8))
+    >>> x.dtype, tuple(x.shape)
+    (torch.float32, (3, 4, 4))
+    """
+    return PatchTransform([], mean, std)
+
+
+def weak_transform(
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> PatchTransform:
+    """The teacher's view: random horizontal/vertical flips and 90-degree rotations, normalised.
+
+    The pixels are only permuted, never changed.
+
+    Parameters
+    ----------
+    mean, std
+        Per-channel statistics; ImageNet's by default.
+
+    Returns
+    -------
+    Callable: uint8 ``(H, W, 3)`` array -> float32 ``(3, H, W)`` tensor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.data import weak_transform
+    >>> tuple(weak_transform()(np.zeros((8, 8, 3), np.uint8)).shape)
+    (3, 8, 8)
+    """
+    return PatchTransform(_dihedral(), mean, std)
+
+
+def strong_transform(
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+    p_jitter: float = 0.8,
+    p_grayscale: float = 0.2,
+) -> PatchTransform:
+    """The student's view: flips, 90-degree rotations, colour jitter and grayscale, normalised.
+
+    Parameters
+    ----------
+    mean, std
+        Per-channel statistics; ImageNet's by default.
+    brightness, contrast, saturation, hue
+        Colour jitter strengths (:class:`torchvision.transforms.v2.ColorJitter`).
+    p_jitter
+        Probability of applying the colour jitter.
+    p_grayscale
+        Probability of converting to grayscale (kept as 3 channels).
+
+    Returns
+    -------
+    Callable: uint8 ``(H, W, 3)`` array -> float32 ``(3, H, W)`` tensor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.data import strong_transform
+    >>> tuple(strong_transform()(np.zeros((8, 8, 3), np.uint8)).shape)
+    (3, 8, 8)
+    """
+    for name, p in (("p_jitter", p_jitter), ("p_grayscale", p_grayscale)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]; got {p}.")
+    jitter = v2.ColorJitter(
+        brightness=brightness, contrast=contrast, saturation=saturation, hue=hue
+    )
+    augment = [
+        *_dihedral(),
+        v2.RandomApply([jitter], p=p_jitter),
+        v2.RandomGrayscale(p=p_grayscale),
+    ]
+    return PatchTransform(augment, mean, std)
+
+
+def _dihedral() -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    return [v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.5), RandomRot90()]

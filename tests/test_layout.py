@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from anndata import AnnData
+
+from rankbygene._layout import (
+    ImageSource,
+    image_sources,
+    spatial_coordinates,
+    spot_libraries,
+)
+
+IMAGE = np.zeros((20, 30, 3), dtype=np.uint8)
+
+
+def make_adata(n: int = 4, libraries: dict | None = None) -> AnnData:
+    adata = AnnData(
+        np.zeros((n, 1)),
+        obs=pd.DataFrame({"library_id": ["a"] * n}, index=[f"s{i}" for i in range(n)]),
+        obsm={"spatial": np.arange(2 * n, dtype=float).reshape(n, 2)},
+    )
+    adata.uns["spatial"] = libraries or {
+        "a": {
+            "images": {"hires": IMAGE, "lowres": IMAGE[::2, ::2]},
+            "scalefactors": {
+                "tissue_hires_scalef": 0.5,
+                "tissue_lowres_scalef": 0.25,
+                "spot_diameter_fullres": 12.0,
+            },
+        }
+    }
+    return adata
+
+
+def test_spatial_coordinates():
+    adata = make_adata()
+    adata.obsm["spatial"] = np.c_[adata.obsm["spatial"], np.ones(4)].astype(np.int32)  # x, y, z
+    coords = spatial_coordinates(adata)
+    assert coords.dtype == np.float64
+    assert coords.shape == (4, 2)
+    with pytest.raises(KeyError, match=r"obsm\['xy'\] is missing.*Available obsm keys"):
+        spatial_coordinates(adata, "xy")
+    adata.obsm["bad"] = np.zeros((4, 1))
+    with pytest.raises(ValueError, match=r"obsm\['bad'\] must have shape \(n_obs, 2\)"):
+        spatial_coordinates(adata, "bad")
+    adata.obsm["inf"] = np.array([[0, 0], [np.inf, 1], [2, 2], [3, 3]], dtype=float)
+    with pytest.raises(ValueError, match=r"1 spots with NaN or infinite.*'s1'"):
+        spatial_coordinates(adata, "inf")
+
+
+def test_spot_libraries():
+    adata = make_adata()
+    np.testing.assert_array_equal(spot_libraries(adata), ["a"] * 4)
+    np.testing.assert_array_equal(spot_libraries(adata, "library_id"), ["a"] * 4)
+    with pytest.raises(KeyError, match="library_key 'batch'"):
+        spot_libraries(adata, "batch")
+    adata.uns["spatial"]["b"] = adata.uns["spatial"]["a"]
+    with pytest.raises(ValueError, match="2 libraries"):
+        spot_libraries(adata)
+    adata.obs["library_id"] = pd.Categorical(["a", None, "b", "a"])
+    with pytest.raises(ValueError, match="1 missing"):
+        spot_libraries(adata, "library_id")
+    del adata.uns["spatial"]
+    np.testing.assert_array_equal(spot_libraries(adata), ["0"] * 4)
+
+
+def test_sharpest_in_memory_image():
+    adata = make_adata()
+    source = image_sources(adata, ["a", "a"])["a"]
+    assert source == ImageSource("a", 12.0, image_key="hires", scale=0.5)
+    assert source.kind == "memory"
+    assert image_sources(adata, ["a"], image_key="lowres")["a"].scale == 0.25
+    assert source.open(adata).shape == (20, 30)
+    with pytest.raises(ValueError, match="pass adata"):
+        source.open()
+
+
+def test_source_file_preferred(tmp_path):
+    path = tmp_path / "full.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(path)
+    adata = make_adata()
+    adata.uns["spatial"]["a"]["metadata"] = {"source_image_path": str(path)}
+    source = image_sources(adata, ["a"])["a"]
+    assert source.kind == "file"
+    assert source.path == path
+    assert source.scale == 1.0
+    assert source.open().shape == (40, 60)
+    assert image_sources(adata, ["a"], image_key="hires")["a"].kind == "memory"
+    adata.uns["spatial"]["a"]["metadata"]["source_image_path"] = str(tmp_path / "gone.jpg")
+    with pytest.raises(FileNotFoundError, match=r"gone\.jpg.*image_key"):
+        image_sources(adata, ["a"])
+
+
+def test_precomputed_patches_source(tmp_path):
+    path = tmp_path / "patches.h5"
+    path.write_bytes(b"")
+    entry = {"images": {}, "scalefactors": {}, "metadata": {"patches_path": str(path)}}
+    adata = make_adata(libraries={"a": entry})
+    source = image_sources(adata, ["a"])["a"]
+    assert source.kind == "patches"
+    assert source.patches_path == path
+    assert math.isnan(source.spot_diameter_fullres)
+    with pytest.raises(ValueError, match="precomputed patches"):
+        source.open()
+    entry["scalefactors"]["spot_diameter_fullres"] = 55.0
+    assert image_sources(adata, ["a"])["a"].spot_diameter_fullres == 55.0
+    # an image, when there is one, wins over the patches
+    entry["images"]["hires"] = IMAGE
+    entry["scalefactors"]["tissue_hires_scalef"] = 1.0
+    assert image_sources(adata, ["a"])["a"].kind == "memory"
+    entry["images"] = {}
+    entry["metadata"]["patches_path"] = str(tmp_path / "missing.h5")
+    with pytest.raises(FileNotFoundError, match=r"patches_path.*missing\.h5"):
+        image_sources(adata, ["a"])
+
+
+@pytest.mark.parametrize(
+    ("change", "libraries", "image_key", "match"),
+    [
+        (lambda e: e["scalefactors"].pop("spot_diameter_fullres"), ["a"], None, "spot_diameter"),
+        (lambda e: e["scalefactors"].update(spot_diameter_fullres=0), ["a"], None, "not positive"),
+        (lambda e: e.update(images={}), ["a"], None, "has no image"),
+        (lambda e: e["scalefactors"].pop("tissue_hires_scalef"), ["a"], "hires", "hires_scalef"),
+        (None, ["a"], "fullres", "no 'fullres'"),
+        (None, ["b"], None, "'b' is not in"),
+    ],
+)
+def test_image_source_errors(change, libraries, image_key, match):
+    adata = make_adata()
+    if change is not None:
+        change(adata.uns["spatial"]["a"])
+    with pytest.raises(KeyError, match=match):
+        image_sources(adata, libraries, image_key=image_key)
+
+
+def test_no_spatial_uns():
+    adata = make_adata()
+    del adata.uns["spatial"]
+    with pytest.raises(KeyError, match=r"uns\['spatial'\] is missing"):
+        image_sources(adata, ["a"])
