@@ -1,0 +1,200 @@
+"""Choose the gene panel used for training."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import scanpy as sc
+from anndata import AnnData
+from scipy import sparse
+
+from rankbygene._logging import logger
+from rankbygene.pp._normalize import _check_counts, _get_matrix, _light_adata, _where
+
+__all__ = ["PANEL_KEY", "select_genes"]
+
+#: Column of ``adata.var`` marking the panel when ``subset=False``.
+PANEL_KEY = "rankbygene_panel"
+
+
+def _read_gene_list(genes: Sequence[str] | str | os.PathLike) -> tuple[list[str], str]:
+    """Gene names from a list or a text file (one per line; blank lines and ``#`` skipped)."""
+    if isinstance(genes, str | os.PathLike):
+        path = Path(genes)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"gene list file {str(path)!r} not found (pass a list of names, or a text file "
+                "with one gene per line)"
+            )
+        lines = path.read_text().splitlines()
+        names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        source = f"file {str(path)!r}"
+    else:
+        names = [str(g) for g in genes]
+        source = "the gene list"
+    names = list(dict.fromkeys(names))  # drop duplicates, keep order
+    if not names:
+        raise ValueError(f"{source} is empty")
+    return names, source
+
+
+def _highly_expressed(adata: AnnData, x, n_top: int) -> np.ndarray:
+    """Indices of the ``n_top`` genes with the highest mean library-size-normalised expression."""
+    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+    if sparse.issparse(x):
+        means = np.asarray((sparse.diags(scale) @ x).mean(axis=0)).ravel()
+    else:
+        means = (np.asarray(x, dtype=np.float64) * scale[:, None]).mean(axis=0)
+    # Stable sort: ties keep the AnnData's gene order.
+    return np.argsort(-means, kind="stable")[:n_top]
+
+
+def _highly_variable(adata: AnnData, x, n_top: int) -> np.ndarray:
+    """Indices of scanpy's seurat_v3 highly variable genes, computed on a throw-away AnnData."""
+    light = _light_adata(adata, x)
+    try:
+        df = sc.pp.highly_variable_genes(
+            light, flavor="seurat_v3", n_top_genes=n_top, inplace=False
+        )
+    except ImportError as err:  # seurat_v3 needs scikit-misc
+        raise ImportError(
+            "flavor='hvg' uses scanpy's seurat_v3 flavor, which needs scikit-misc: "
+            "pip install scikit-misc"
+        ) from err
+    hv = df["highly_variable"].reindex(adata.var_names).fillna(False).to_numpy(dtype=bool)
+    return np.flatnonzero(hv)
+
+
+def select_genes(
+    adata: AnnData,
+    n_top: int = 250,
+    flavor: Literal["heg", "hvg"] = "heg",
+    genes: Sequence[str] | str | os.PathLike | None = None,
+    layer: str | None = None,
+    subset: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Choose the gene panel that the model is trained on.
+
+    Three ways to choose:
+
+    - ``flavor="heg"`` (default): the ``n_top`` highly expressed genes, i.e. with the highest mean
+      library-size-normalised expression over spots (the HEST / BLEEP convention);
+    - ``flavor="hvg"``: the ``n_top`` highly variable genes of
+      :func:`scanpy.pp.highly_variable_genes` with ``flavor="seurat_v3"`` on the counts (computed
+      on a throw-away AnnData, so nothing but the panel is written into ``adata``);
+    - ``genes``: an explicit list of names, or the path of a text file with one gene per line (such
+      as the 785-gene HER2+ panel ``her_hvg_cut_1000.txt`` used by HisToGene and successors).
+      Genes absent from ``adata`` are reported (how many, and the first few) and skipped; ``n_top``
+      and ``flavor`` are then ignored.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with raw counts in ``layer`` (or ``X``).
+    n_top
+        Number of genes to keep for ``"heg"`` and ``"hvg"``; capped at ``adata.n_vars``.
+    flavor
+        ``"heg"`` (highly expressed) or ``"hvg"`` (highly variable).
+    genes
+        Explicit panel: a sequence of gene names or a path to a text file.
+    layer
+        Layer holding the counts; ``None`` uses ``adata.X``.
+    subset
+        Subset ``adata`` to the panel in place (as :func:`scanpy.pp.filter_genes` does). Otherwise
+        mark it in ``adata.var["rankbygene_panel"]`` (bool) and keep all genes.
+    copy
+        Return a modified copy instead of changing ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``. With ``subset=True`` the genes are the
+    panel (in the AnnData's order for ``"heg"``/``"hvg"``, in the list's order for ``genes``);
+    with ``subset=False``, ``var["rankbygene_panel"]`` marks them.
+
+    Raises
+    ------
+    KeyError
+        If ``layer`` is not in ``adata.layers``.
+    FileNotFoundError
+        If ``genes`` is a path that does not exist.
+    ValueError
+        If ``n_top < 1``, ``flavor`` is unknown, the counts contain NaN or negative values, or
+        none of the listed genes is in ``adata``.
+
+    Examples
+    --------
+    >>> import rankbygene as rbg
+    >>> adata = rbg.datasets.synthetic(n_slides=1, n_spots=100, n_genes=100)
+    >>> rbg.pp.select_genes(adata, n_top=50)
+    >>> adata.n_vars
+    50
+    >>> adata = rbg.datasets.synthetic(n_slides=1, n_spots=100)
+    >>> rbg.pp.select_genes(adata, genes=["TUMOR_1", "HK_2", "NOT_A_GENE"], subset=False)
+    >>> int(adata.var["rankbygene_panel"].sum())
+    2
+    """
+    # Validate everything before changing anything.
+    if genes is None:
+        if flavor not in ("heg", "hvg"):
+            raise ValueError(f"flavor must be 'heg' or 'hvg', got {flavor!r}")
+        if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 1:
+            raise ValueError(f"n_top must be an integer >= 1, got {n_top!r}")
+    x = _get_matrix(adata, layer)
+    _check_counts(adata, x, layer)
+
+    if genes is not None:
+        wanted, source = _read_gene_list(genes)
+        if not adata.var_names.is_unique:
+            raise ValueError("adata.var_names are not unique; call adata.var_names_make_unique()")
+        present_mask = adata.var_names.isin(wanted)
+        known = set(adata.var_names[present_mask])
+        present = [g for g in wanted if g in known]
+        missing = [g for g in wanted if g not in known]
+        if not present:
+            raise ValueError(
+                f"none of the {len(wanted)} genes in {source} is in adata.var_names "
+                f"(first listed: {wanted[:5]}; first in adata: {list(adata.var_names[:5])})"
+            )
+        if missing:
+            logger.warning(
+                "%d of %d genes in %s are not in adata.var_names and are skipped, e.g. %s",
+                len(missing),
+                len(wanted),
+                source,
+                missing[:5],
+            )
+        idx = adata.var_names.get_indexer(present)
+        how = f"{len(present)} genes from {source}"
+    else:
+        n = int(n_top)
+        if n > adata.n_vars:
+            logger.warning("n_top=%d > n_vars=%d: keeping all genes", n, adata.n_vars)
+            n = adata.n_vars
+        if flavor == "heg":
+            idx = np.sort(_highly_expressed(adata, x, n))
+            how = f"{len(idx)} highly expressed genes (mean normalised expression)"
+        else:
+            idx = _highly_variable(adata, x, n)
+            how = f"{len(idx)} highly variable genes (seurat_v3)"
+        how += f" from {_where(layer)}"
+
+    if subset:
+        if copy:
+            out = adata[:, idx].copy()
+        else:
+            out = adata
+            out._inplace_subset_var(idx)
+        logger.info("selected %s; subset adata to %d genes", how, out.n_vars)
+    else:
+        out = adata.copy() if copy else adata
+        mask = np.zeros(adata.n_vars, dtype=bool)
+        mask[idx] = True
+        out.var[PANEL_KEY] = mask
+        logger.info("selected %s; added var[%r]", how, PANEL_KEY)
+    return out if copy else None

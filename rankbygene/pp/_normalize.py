@@ -1,0 +1,162 @@
+"""Library-size normalisation and log1p of counts into a layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from anndata import AnnData
+from scipy import sparse
+
+from rankbygene._logging import logger
+
+__all__ = ["normalize"]
+
+
+def _where(layer: str | None) -> str:
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def _get_matrix(adata: AnnData, layer: str | None):
+    """The expression matrix in ``layer`` (or ``X``); raises KeyError naming a missing layer."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty; pass `layer=` naming the counts layer")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} not found in adata.layers (available: {list(adata.layers)})"
+        )
+    return adata.layers[layer]
+
+
+def _values(x) -> np.ndarray:
+    """The stored values of a dense or sparse matrix (without densifying)."""
+    if sparse.issparse(x):
+        return x.data
+    return np.asarray(x)
+
+
+def _first_position(x, bad_values: np.ndarray, adata: AnnData) -> str:
+    """Human-readable position (spot, gene) of the first bad entry."""
+    if sparse.issparse(x):
+        coo = sparse.coo_matrix(x)
+        i = int(np.flatnonzero(bad_values)[0])
+        row, col = coo.row[i], coo.col[i]
+    else:
+        row, col = np.argwhere(bad_values)[0]
+    return f"first at spot {adata.obs_names[row]!r}, gene {adata.var_names[col]!r}"
+
+
+def _check_counts(adata: AnnData, x, layer: str | None) -> None:
+    """Raise ValueError when counts contain NaN/inf or negative values, saying where."""
+    values = _values(x)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{_where(layer)} must be numeric, got dtype {values.dtype}")
+    if np.issubdtype(values.dtype, np.floating):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise ValueError(
+                f"{_where(layer)} contains {int(bad.sum())} NaN or infinite values "
+                f"({_first_position(x, bad, adata)}); counts must be finite"
+            )
+    neg = values < 0
+    if neg.any():
+        raise ValueError(
+            f"{_where(layer)} contains {int(neg.sum())} negative values "
+            f"({_first_position(x, neg, adata)}); expected raw counts "
+            "(pass `layer=` naming the counts layer)"
+        )
+
+
+def _light_adata(adata: AnnData, x) -> AnnData:
+    """Throw-away AnnData holding only a matrix, so scanpy writes nothing into the user's one."""
+    return AnnData(
+        X=x,
+        obs=pd.DataFrame(index=adata.obs_names.copy()),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
+
+
+def _lognormalize(adata: AnnData, x, target_sum: float | None):
+    """``log1p(x / total * target_sum)`` through scanpy, on a float32 copy of ``x``."""
+    x = x.astype(np.float32, copy=True) if sparse.issparse(x) else np.array(x, dtype=np.float32)
+    light = _light_adata(adata, x)
+    sc.pp.normalize_total(light, target_sum=target_sum)
+    sc.pp.log1p(light)
+    return light.X
+
+
+def normalize(
+    adata: AnnData,
+    target_sum: float | None = 1e4,
+    layer: str | None = None,
+    key_added: str = "lognorm",
+    copy: bool = False,
+) -> AnnData | None:
+    """Library-size normalise and log-transform counts into a new layer.
+
+    Each spot's counts are scaled to sum to ``target_sum`` and transformed with ``log1p``
+    (:func:`scanpy.pp.normalize_total` then :func:`scanpy.pp.log1p`); the result goes to
+    ``adata.layers[key_added]``. The counts themselves are left unchanged, so that the same
+    AnnData can feed count-based steps (highly variable genes, the model's targets) and
+    log-normalised ones.
+
+    Parameters
+    ----------
+    adata
+        Annotated data matrix with raw counts in ``layer`` (or ``X``).
+    target_sum
+        Total count of each spot after normalisation; ``None`` uses the median total count over
+        spots (scanpy's default).
+    layer
+        Layer holding the counts; ``None`` uses ``adata.X``.
+    key_added
+        Layer that receives the log-normalised values; must differ from ``layer``.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy of ``adata`` when ``copy=True``; either way with
+    ``layers[key_added]``: ``log1p`` of the normalised counts (float32, sparse when the counts
+    are sparse).
+
+    Raises
+    ------
+    KeyError
+        If ``layer`` is not in ``adata.layers``.
+    ValueError
+        If the counts contain NaN, infinite or negative values (the message says how many and
+        where), if ``target_sum`` is not positive or if ``key_added`` equals ``layer``.
+
+    Examples
+    --------
+    >>> import rankbygene as rbg
+    >>> adata = rbg.datasets.synthetic(n_slides=1, n_spots=100)
+    >>> rbg.pp.normalize(adata, layer="counts")
+    >>> adata.layers["lognorm"].shape == adata.shape
+    True
+    """
+    if target_sum is not None and not target_sum > 0:
+        raise ValueError(f"target_sum must be positive or None, got {target_sum}")
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}")
+    if layer is not None and key_added == layer:
+        raise ValueError(
+            f"key_added={key_added!r} would overwrite the counts in layer {layer!r}; "
+            "choose another key"
+        )
+    x = _get_matrix(adata, layer)
+    _check_counts(adata, x, layer)
+
+    result = _lognormalize(adata, x, target_sum)
+    out = adata.copy() if copy else adata
+    out.layers[key_added] = result
+    logger.info(
+        "added layers[%r] (log1p of counts in %s normalised to %s per spot)",
+        key_added,
+        _where(layer),
+        "the median total" if target_sum is None else f"{target_sum:g}",
+    )
+    return out if copy else None
