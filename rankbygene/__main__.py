@@ -23,9 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--out", default="rankbygene_demo", help="output folder")
     demo.add_argument("--her2st", default=None, help="folder of the HER2+ data (original layout)")
-    demo.add_argument("--epochs", type=int, default=10, help="training epochs")
+    demo.add_argument("--epochs", type=int, default=8, help="training epochs")
     demo.add_argument("--encoder", default="resnet18", help="timm image encoder")
-    demo.add_argument("--input-size", type=int, default=64, help="encoder input side (pixels)")
+    demo.add_argument("--input-size", type=int, default=48, help="encoder input side (pixels)")
+    demo.add_argument("--n-spots", type=int, default=200, help="spots per synthetic slide")
+    demo.add_argument("--batch-size", type=int, default=64, help="spots per mini-batch")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             max_epochs=args.epochs,
             image_encoder=args.encoder,
             input_size=args.input_size,
+            n_spots=args.n_spots,
+            batch_size=args.batch_size,
             seed=args.seed,
             progress=not args.no_progress,
         )

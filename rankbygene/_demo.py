@@ -16,16 +16,18 @@ from rankbygene._logging import logger
 def run_demo(
     out: str | Path = "rankbygene_demo",
     her2st: str | Path | None = None,
-    max_epochs: int = 10,
+    max_epochs: int = 8,
     image_encoder: str = "resnet18",
-    input_size: int = 64,
+    input_size: int = 48,
+    n_spots: int = 200,
+    batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
     """Generate (or read) slides, train RankByGene, embed, and score held-out expression.
 
     Trains on all slides but one and predicts the held-out slide's expression from the image
-    alone (ridge on the teacher's features, fitted on the training slides), for the trained
+    alone (ridge on the teacher's image embedding, fitted on the training slides), for the trained
     model and the same model untrained. Writes into ``out``: ``slide.png`` (the first slide and
     its spots), ``patches.png`` (a few patches), ``loss.png`` (every loss term),
     ``adata.h5ad`` (with ``obsm["X_rankbygene"]`` and ``obsm["X_rankbygene_gene"]``) and
@@ -44,7 +46,7 @@ def run_demo(
     scvi.settings.seed = seed
     started = time.perf_counter()
     if her2st is None:
-        adata = rbg.datasets.synthetic(n_slides=3, n_spots=300, n_genes=100, seed=seed)
+        adata = rbg.datasets.synthetic(n_slides=3, n_spots=n_spots, n_genes=100, seed=seed)
         source = "synthetic"
     else:
         import anndata as ad
@@ -73,7 +75,7 @@ def run_demo(
     t0 = time.perf_counter()
     model.train(
         max_epochs=max_epochs,
-        batch_size=64,
+        batch_size=batch_size,
         train_size=0.9,
         accelerator="cpu" if _cpu_only() else "auto",
         enable_progress_bar=progress,
@@ -100,25 +102,25 @@ def run_demo(
         "heldout_pearson_trained": round(trained, 4),
         "heldout_pearson_untrained": round(untrained, 4),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "outputs": sorted(p.name for p in out.iterdir()),
+        "outputs": sorted({p.name for p in out.iterdir()} | {"summary.json"}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print(
         f"held-out {held_out}: mean Pearson r over genes {trained:.3f} trained vs "
-        f"{untrained:.3f} untrained (ridge on image features)"
+        f"{untrained:.3f} untrained (ridge on the image embedding)"
     )
     _print(f"wrote {', '.join(summary['outputs'])} to {out}/")
     return summary
 
 
 def _heldout_pearson(model, train: AnnData, test: AnnData) -> float:
-    """Mean Pearson r over genes of ridge predictions from teacher backbone features."""
+    """Mean Pearson r over genes of ridge predictions from the teacher image embedding."""
     from sklearn.linear_model import RidgeCV
 
     from rankbygene.tl._metrics import log_normalize, pearson_per_gene
 
-    x_train = model.get_image_representation(train, kind="backbone", progress=False)
-    x_test = model.get_image_representation(test, kind="backbone", progress=False)
+    x_train = model.get_image_representation(train, progress=False)
+    x_test = model.get_image_representation(test, progress=False)
     y_train = log_normalize(train.layers["counts"])
     y_test = log_normalize(test.layers["counts"])
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6

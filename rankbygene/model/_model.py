@@ -340,7 +340,11 @@ class RankByGene(BaseModelClass):
             **trainer_kwargs,
         )
         try:
-            runner()
+            with warnings.catch_warnings():
+                # the EMA teacher is in eval mode on purpose; losses are logged per epoch
+                warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+                warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+                runner()
         except (KeyboardInterrupt, SystemExit):
             epoch = plan.restore_best()
             self._finish_interrupted(runner, data_module)
