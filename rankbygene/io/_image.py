@@ -124,8 +124,10 @@ class ImageReader(ABC):
         cx0, cy0 = max(lx0, 0), max(ly0, 0)
         cx1, cy1 = min(lx0 + lw, level_w), min(ly0 + lh, level_h)
         if cx1 > cx0 and cy1 > cy0:
-            pixels = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
-            canvas[cy0 - ly0 : cy1 - ly0, cx0 - lx0 : cx1 - lx0] = as_rgb_uint8(pixels)
+            pixels = as_rgb_uint8(self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0))
+            # a reader may return fewer pixels at a level's edge; the rest stays white
+            ph, pw = pixels.shape[:2]
+            canvas[cy0 - ly0 : cy0 - ly0 + ph, cx0 - lx0 : cx0 - lx0 + pw] = pixels
         return _resize(canvas, out_size)
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
@@ -239,8 +241,14 @@ class TiffImage(ImageReader):
             self._arrays.append(zarr.open(store, mode="r"))
             shapes.append(_tiff_hw(level.shape, level.axes))
         self.shape = shapes[0]
+        self._shapes = shapes
         self.level_downsamples = tuple(shapes[0][1] / s[1] for s in shapes)
         self.mpp = mpp if mpp is not None else _tiff_mpp(self._tif)
+
+    def _level_shape(self, level: int) -> tuple[int, int]:
+        # the file's own level sizes: pyramids round odd sizes down or up, so they are not
+        # always the full-resolution size over the downsample
+        return self._shapes[level]
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         arr = self._arrays[level]
