@@ -1,5 +1,48 @@
-"""Readers: spatial transcriptomics slides into AnnData (scanpy/squidpy layout), images lazily."""
+"""Readers: spatial transcriptomics slides into AnnData (scanpy/squidpy layout), images lazily.
 
+Every slide enters the package in the scanpy/squidpy spatial layout: raw counts in ``X``
+(and ``layers["counts"]``), spot centres in full-resolution pixels in ``obsm["spatial"]``, and
+``uns["spatial"][library_id]`` with thumbnails, scale factors (``spot_diameter_fullres``
+included) and, where there is one, ``metadata["source_image_path"]``, the full-resolution image
+that patches are read from lazily (:func:`open_image`).
+
+**Visium** goes through squidpy (or scanpy), which already writes this layout. Pass
+``source_image_path``, the full-resolution H&E, so that patches come from it rather than from
+the ``hires`` thumbnail, and keep the raw counts in a layer::
+
+    import squidpy as sq
+
+    adata = sq.read.visium("sample/", source_image_path="sample/image.tif")
+    adata.var_names_make_unique()
+    adata.layers["counts"] = adata.X.copy()
+
+**HEST-1k** samples are read with :func:`read_hest` from the files of one sample id; the
+whole-slide image is read lazily from its pyramid, the precomputed patches are checked
+against the spots and recorded::
+
+    from rankbygene.io import read_hest
+
+    adata = read_hest(
+        "hest_data/st/TENX95.h5ad",
+        wsi="hest_data/wsis/TENX95.tif",
+        patches="hest_data/patches/TENX95.h5",
+        metadata="hest_data/metadata/TENX95.json",
+    )
+
+**Legacy Spatial Transcriptomics** (ST v1, e.g. the HER2+ breast cancer set) is read with
+:func:`read_st` from its count table, spot-selection table and H&E image;
+:func:`rankbygene.datasets.her2st` does this for any section of the public HER2+ data::
+
+    from rankbygene.io import read_st
+
+    adata = read_st(
+        "her2st/ST-cnts/C2.tsv.gz",
+        "her2st/ST-spotfiles/C2_selection.tsv",
+        "her2st/ST-imgs/C/C2/5714_HE_BT_C2.jpg",
+    )
+"""
+
+from rankbygene.io._hest import read_hest
 from rankbygene.io._image import (
     ArrayImage,
     ImageReader,
@@ -8,5 +51,16 @@ from rankbygene.io._image import (
     TiffImage,
     open_image,
 )
+from rankbygene.io._st import infer_spot_diameter, read_st
 
-__all__ = ["ArrayImage", "ImageReader", "OpenSlideImage", "PILImage", "TiffImage", "open_image"]
+__all__ = [
+    "ArrayImage",
+    "ImageReader",
+    "OpenSlideImage",
+    "PILImage",
+    "TiffImage",
+    "infer_spot_diameter",
+    "open_image",
+    "read_hest",
+    "read_st",
+]
