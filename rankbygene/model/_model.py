@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 from scipy import sparse
@@ -19,7 +20,8 @@ from scvi.model.base import BaseModelClass
 from scvi.train import TrainRunner
 from torch import nn
 
-from rankbygene._constants import SPATIAL_KEY
+from rankbygene import __version__
+from rankbygene._constants import PREDICTED_LAYER_KEY, SPATIAL_KEY, UNS_KEY
 from rankbygene._layout import image_sources, spatial_coordinates, spot_libraries
 from rankbygene.model._data import (
     FEATURES_REGISTRY_KEY,
@@ -30,6 +32,12 @@ from rankbygene.model._data import (
 )
 from rankbygene.model._encoders import create_backbone
 from rankbygene.model._module import RankByGeneModule
+from rankbygene.model._prediction import (
+    KnnPredictor,
+    MlpPredictor,
+    PredictionMethod,
+    RidgePredictor,
+)
 from rankbygene.model._training_plan import RankByGeneTrainingPlan
 
 logger = logging.getLogger("rankbygene")
@@ -66,6 +74,9 @@ class RankByGene(BaseModelClass):
         Ranking-loss temperature.
     lambda_contrastive, lambda_rank, lambda_distill
         Loss weights; 0 switches a term off.
+    lambda_regression
+        Weight of direct expression regression from the image (MSE of a linear head); with the
+        three others 0 this is the ST-Net-like baseline.
     rank_scales
         Neighbourhood sizes of the multi-scale ranking loss (``None`` = whole batch).
     rank_delta
@@ -111,6 +122,7 @@ class RankByGene(BaseModelClass):
         lambda_contrastive: float = 1.0,
         lambda_rank: float = 5.0,
         lambda_distill: float = 1.0,
+        lambda_regression: float = 0.0,
         rank_scales: Sequence[int | None] = (8, 32, None),
         rank_delta: float = 0.0,
         rank_target: Literal["embedding", "expression"] = "embedding",
@@ -159,6 +171,7 @@ class RankByGene(BaseModelClass):
             lambda_contrastive=lambda_contrastive,
             lambda_rank=lambda_rank,
             lambda_distill=lambda_distill,
+            lambda_regression=lambda_regression,
             rank_scales=rank_scales,
             rank_delta=rank_delta,
             rank_target=rank_target,
@@ -501,6 +514,169 @@ class RankByGene(BaseModelClass):
         check_genes(adata, self.registry_, self.adata_manager)
         return self._validate_anndata(adata)
 
+    # -- expression -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_expression(
+        self,
+        adata: AnnData | None = None,
+        method: PredictionMethod = "ridge",
+        reference: AnnData | None = None,
+        layer_added: str = PREDICTED_LAYER_KEY,
+        k: int = 50,
+        representation: Literal["embedding", "backbone"] = "embedding",
+        library_key: str | None = None,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+    ) -> AnnData | None:
+        """Predict each spot's expression of the model's genes from its image alone.
+
+        Parameters
+        ----------
+        adata
+            Query AnnData with spots and images (expression not needed); default: the model's.
+        method
+            ``"ridge"``: ridge regression on frozen teacher representations of the reference
+            spots (closed form, the HEST-benchmark protocol); ``"knn"``: the ``k`` reference
+            spots whose gene embeddings are closest to the query's image embedding, averaged
+            (BLEEP's protocol); ``"mlp"``: a small MLP head on frozen representations.
+        reference
+            Spots with images and expression to fit on or retrieve from; default: the model's
+            training spots. Must have the model's genes in the layer used at setup.
+        layer_added
+            Layer name of the prediction.
+        k
+            Neighbours for ``"knn"``.
+        representation
+            Teacher features for ``"ridge"``/``"mlp"``: the projected ``"embedding"`` or the
+            ``"backbone"`` features.
+        library_key
+            ``obs`` column of libraries in ``adata`` (default: the setup one, when present).
+        batch_size, num_workers
+            For the image forward passes.
+
+        Returns
+        -------
+        ``None`` when ``adata`` has exactly the model's genes: the prediction is written to
+        ``adata.layers[layer_added]`` and its provenance to ``adata.uns["rankbygene"]``.
+        Otherwise (an image-only AnnData) a new AnnData with the same ``obs``, ``obsm`` and
+        ``uns`` and the model's genes as ``var``, the prediction in ``X`` and
+        ``layers[layer_added]``. Values are log-normalised: ``log1p(counts / total * 1e4)``
+        with the total over the model's genes.
+
+        Examples
+        --------
+        >>> model.predict_expression(new_adata)                   # layers["rankbygene_predicted"]
+        >>> predicted = model.predict_expression(image_only_adata, method="knn", k=20)
+        """
+        if method not in ("ridge", "knn", "mlp"):
+            raise ValueError(f"method must be 'ridge', 'knn' or 'mlp'; got {method!r}.")
+        if representation not in ("embedding", "backbone"):
+            raise ValueError(
+                f"representation must be 'embedding' or 'backbone'; got {representation!r}."
+            )
+        query = self.adata if adata is None else adata
+        if query is None:
+            raise ValueError("This model has no AnnData attached: pass adata.")
+        genes = self._gene_panel()
+        ref_adata, ref_idx = self._reference(reference)
+        ref_expression = self._reference_expression(ref_adata, ref_idx, genes)
+        if method == "knn" and k > len(ref_idx):
+            raise ValueError(f"k={k} is larger than the reference ({len(ref_idx)} spots).")
+        # validate the query's layout before the (long) reference forward pass
+        if self.features_key is None:
+            make_patch_extractor(self, query, library_key=library_key, out_of_bounds="pad")
+        embed = {"batch_size": batch_size, "num_workers": num_workers, "progress": None}
+        if method == "knn":
+            ref_genes = self.get_gene_representation(ref_adata, indices=ref_idx)
+            predictor = KnnPredictor(k=k, temperature=self.module.tau).fit(
+                ref_genes, ref_expression
+            )
+            query_features = self.get_image_representation(query, library_key=library_key, **embed)
+        else:
+            ref_features = self.get_image_representation(
+                ref_adata, indices=ref_idx, kind=representation, **embed
+            )
+            predictor = (RidgePredictor() if method == "ridge" else MlpPredictor()).fit(
+                ref_features, ref_expression
+            )
+            query_features = self.get_image_representation(
+                query, kind=representation, library_key=library_key, **embed
+            )
+        predicted = predictor.predict(query_features)
+        provenance = {
+            "layer": layer_added,
+            "method": method,
+            "representation": representation if method != "knn" else "embedding",
+            "k": k if method == "knn" else None,
+            "n_reference": len(ref_idx),
+            "genes": len(genes),
+            "scale": "log1p(counts / total over the model's genes * 1e4)",
+        }
+        same_genes = query.n_vars == len(genes) and set(query.var_names) == set(genes)
+        if same_genes:
+            order = pd.Index(genes).get_indexer(query.var_names)
+            query.layers[layer_added] = predicted[:, order]
+            _record_uns(query, self, provenance)
+            logger.info("added layers[%r] and uns[%r]", layer_added, UNS_KEY)
+            return None
+        out = AnnData(
+            X=predicted,
+            obs=query.obs.copy(),
+            var=pd.DataFrame(index=pd.Index(genes, name=None)),
+            obsm={key: np.asarray(value).copy() for key, value in query.obsm.items()},
+            uns={key: value for key, value in query.uns.items() if not key.startswith("_scvi")},
+        )
+        out.layers[layer_added] = predicted
+        _record_uns(out, self, provenance)
+        logger.info(
+            "query lacks the model's genes: returned a new AnnData with layers[%r]", layer_added
+        )
+        return out
+
+    def _gene_panel(self) -> list[str]:
+        return (
+            [str(g) for g in self.adata_manager.adata.var_names]
+            if self.adata_manager
+            else [
+                str(g)
+                for g in self.registry_["field_registries"]["X"]["state_registry"].get(
+                    "column_names", []
+                )
+            ]
+        )
+
+    def _reference(self, reference: AnnData | None) -> tuple[AnnData, np.ndarray]:
+        if reference is None:
+            if self.adata is None:
+                raise ValueError("The model has no AnnData attached: pass reference.")
+            idx = self.train_indices
+            idx = np.arange(self.adata.n_obs) if idx is None or len(idx) == 0 else np.asarray(idx)
+            return self.adata, np.asarray(idx)
+        return reference, np.arange(reference.n_obs)
+
+    def _reference_expression(
+        self, reference: AnnData, idx: np.ndarray, genes: list[str]
+    ) -> np.ndarray:
+        layer = self.registry_["setup_args"].get("layer")
+        if layer is not None and layer not in reference.layers:
+            raise KeyError(f"The reference has no expression: layer {layer!r} is missing.")
+        missing = [g for g in genes if g not in set(reference.var_names)]
+        if missing:
+            raise ValueError(
+                f"The reference lacks {len(missing)} of the model's {len(genes)} genes "
+                f"(e.g. {missing[:5]})."
+            )
+        columns = reference.var_names.get_indexer(genes)
+        matrix = reference.X if layer is None else reference.layers[layer]
+        if matrix is None:
+            raise ValueError("The reference has no expression (X is empty).")
+        rows = matrix[idx][:, columns]
+        rows = rows.toarray() if sparse.issparse(rows) else np.asarray(rows, dtype=np.float32)
+        if not np.isfinite(rows).all():
+            raise ValueError("The reference expression has NaN or infinite values.")
+        tensor = torch.as_tensor(rows, dtype=torch.float32)
+        return self.module.log_normalize(tensor).cpu().numpy()
+
     # -- save / load ----------------------------------------------------------------------
     def save(
         self,
@@ -666,3 +842,29 @@ def _peek_saved_model(dir_path: Path, prefix: str | None) -> dict:
     if name != RankByGene.__name__:
         raise ValueError(f"{path} holds a {name} model, not a RankByGene model.")
     return {"var_names": saved[SAVE_KEYS.VAR_NAMES_KEY]}
+
+
+def _record_uns(adata: AnnData, model: RankByGene, prediction: dict) -> None:
+    """What produced the outputs: the model's settings, the package version, the prediction."""
+    entry = dict(adata.uns.get(UNS_KEY, {}))
+    entry["version"] = __version__
+    entry["model"] = {
+        key: _plain(value)
+        for key, value in model.init_params_.get("non_kwargs", {}).items()
+        if key not in ("adata", "registry")
+    }
+    entry["predicted"] = prediction
+    adata.uns[UNS_KEY] = entry
+
+
+def _plain(value: Any) -> Any:
+    """A value h5ad can store."""
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, nn.Module):
+        return type(value).__name__
+    return str(value)

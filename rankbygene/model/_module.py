@@ -52,6 +52,10 @@ class RankByGeneModule(BaseModuleClass):
         Temperature of the ranking loss.
     lambda_contrastive, lambda_rank, lambda_distill
         Weights of the three terms; 0 switches a term off (ablations are runs of the same code).
+    lambda_regression
+        Weight of a direct regression term: MSE between a linear head on the student's backbone
+        features and the log-normalised expression. With the other weights 0 this is the
+        ST-Net-like baseline (same backbone, supervised regression).
     rank_scales
         Neighbourhood sizes of the multi-scale ranking loss; ``None`` = the whole batch.
     rank_delta
@@ -79,6 +83,7 @@ class RankByGeneModule(BaseModuleClass):
         lambda_contrastive: float = 1.0,
         lambda_rank: float = 5.0,
         lambda_distill: float = 1.0,
+        lambda_regression: float = 0.0,
         rank_scales: Sequence[int | None] = (8, 32, None),
         rank_delta: float = 0.0,
         rank_target: Literal["embedding", "expression"] = "embedding",
@@ -101,6 +106,7 @@ class RankByGeneModule(BaseModuleClass):
         self.teacher_backbone = make_teacher(self.student_backbone)
         self.teacher_head = make_teacher(self.student_head)
         self.gene_head = ProjectionHead(n_genes, n_latent, dropout)
+        self.regression_head = nn.Linear(n_features, n_genes) if lambda_regression else None
         self.feature_dropout = nn.Dropout(feature_noise) if self.uses_features else nn.Identity()
         self.n_features = n_features
         self.n_latent = n_latent
@@ -109,6 +115,7 @@ class RankByGeneModule(BaseModuleClass):
         self.lambda_contrastive = lambda_contrastive
         self.lambda_rank = lambda_rank
         self.lambda_distill = lambda_distill
+        self.lambda_regression = lambda_regression
         self.rank_scales = tuple(rank_scales)
         self.rank_delta = rank_delta
         self.rank_target = rank_target
@@ -163,12 +170,18 @@ class RankByGeneModule(BaseModuleClass):
     def inference(
         self, images: torch.Tensor, images_weak: torch.Tensor, expression: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        student_input = self.feature_dropout(images)
-        v = nn.functional.normalize(self.student_head(self.student_backbone(student_input)), -1)
+        features = self.student_backbone(self.feature_dropout(images))
+        v = nn.functional.normalize(self.student_head(features), -1)
         with torch.no_grad():
             w = self.embed_images(images_weak, teacher=True)
         g = self.embed_genes(expression)
-        return {"v": v, "w": w, "g": g, "expression": self.log_normalize(expression)}
+        return {
+            "v": v,
+            "w": w,
+            "g": g,
+            "features": features,
+            "expression": self.log_normalize(expression),
+        }
 
     def generative(self) -> dict:
         return {}
@@ -204,10 +217,19 @@ class RankByGeneModule(BaseModuleClass):
             if self.lambda_distill
             else zero
         )
+        regression = (
+            nn.functional.mse_loss(
+                self.regression_head(inference_outputs["features"]).float(),
+                inference_outputs["expression"],
+            )
+            if self.regression_head is not None
+            else zero
+        )
         total = (
             self.lambda_contrastive * contrastive
             + self.lambda_rank * rank
             + self.lambda_distill * distill
+            + self.lambda_regression * regression
         )
         with torch.no_grad():
             agreement = rank_agreement(image_sim.detach(), gene_sim.detach())
@@ -218,6 +240,7 @@ class RankByGeneModule(BaseModuleClass):
                 "contrastive": contrastive.detach(),
                 "rank": rank.detach(),
                 "distill": distill.detach(),
+                "regression": regression.detach(),
                 "rank_agreement": agreement,
             },
         )

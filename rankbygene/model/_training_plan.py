@@ -11,7 +11,7 @@ import torch
 from rankbygene.model._ema import cosine_momentum
 from rankbygene.model._module import RankByGeneModule
 
-LOSS_TERMS = ("loss", "contrastive", "rank", "distill", "rank_agreement")
+LOSS_TERMS = ("loss", "contrastive", "rank", "distill", "regression", "rank_agreement")
 
 
 class RankByGeneTrainingPlan(pl.LightningModule):
