@@ -49,8 +49,9 @@ class ImageSource:
     scale
         Image pixels per full-resolution pixel (1 for a file; ``tissue_<key>_scalef`` otherwise).
     patches_path
-        HDF5 file of precomputed patches (``metadata["patches_path"]``), used only when the library
-        has no image; patches are matched to spots by ``obs_names`` against its ``barcode``.
+        HDF5 file of precomputed patches (``metadata["patches_path"]``), used when the library has
+        no source image file (and no ``image_key`` is asked for); patches are matched to spots by
+        ``obs_names`` against its ``barcode``.
     """
 
     library_id: str
@@ -171,8 +172,9 @@ def image_sources(
     """Find, for each library, its pixels and spot diameter, or fail naming the missing key.
 
     Prefers ``metadata["source_image_path"]`` (full resolution, read lazily; a missing file is an
-    error), else the in-memory image with the largest scale factor (or ``image_key`` when given),
-    else ``metadata["patches_path"]``, an HDF5 file of precomputed patches.
+    error), else ``metadata["patches_path"]`` (an HDF5 file of precomputed full-resolution
+    patches, HEST-1k), else the in-memory image with the largest scale factor. With
+    ``image_key``, that in-memory image is used wherever the library has images.
 
     Parameters
     ----------
@@ -232,7 +234,11 @@ def _image_source(entry: dict[str, Any], library_id: str, image_key: str | None)
     metadata = entry.get("metadata") or {}
     diameter = _spot_diameter(scalefactors)
     patches_path = metadata.get(METADATA_PATCHES_PATH)
-    source = _pixels_source(entry, where, library_id, image_key, scalefactors, metadata)
+    # Full-resolution precomputed patches beat upsampling a thumbnail: without a source image
+    # file (or an explicit image_key), they are used.
+    source = None
+    if image_key is not None or metadata.get(METADATA_SOURCE_IMAGE) or not patches_path:
+        source = _pixels_source(entry, where, library_id, image_key, scalefactors, metadata)
     if source is None:
         if not patches_path:
             raise KeyError(

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 from anndata import AnnData
 
 from rankbygene._layout import (
@@ -110,10 +111,17 @@ def test_precomputed_patches_source(tmp_path):
         source.open()
     entry["scalefactors"]["spot_diameter_fullres"] = 55.0
     assert image_sources(adata, ["a"])["a"].spot_diameter_fullres == 55.0
-    # an image, when there is one, wins over the patches
+    # full-resolution patches win over a thumbnail, unless it is asked for by image_key
     entry["images"]["hires"] = IMAGE
-    entry["scalefactors"]["tissue_hires_scalef"] = 1.0
-    assert image_sources(adata, ["a"])["a"].kind == "memory"
+    entry["scalefactors"]["tissue_hires_scalef"] = 0.1
+    assert image_sources(adata, ["a"])["a"].kind == "patches"
+    assert image_sources(adata, ["a"], image_key="hires")["a"].kind == "memory"
+    # a full-resolution source image wins over the patches
+    image_path = tmp_path / "full.tif"
+    tifffile.imwrite(image_path, np.zeros((8, 8, 3), dtype=np.uint8))
+    entry["metadata"]["source_image_path"] = str(image_path)
+    assert image_sources(adata, ["a"])["a"].kind == "file"
+    del entry["metadata"]["source_image_path"]
     entry["images"] = {}
     entry["metadata"]["patches_path"] = str(tmp_path / "missing.h5")
     with pytest.raises(FileNotFoundError, match=r"patches_path.*missing\.h5"):

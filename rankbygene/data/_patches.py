@@ -23,6 +23,8 @@ __all__ = ["PatchExtractor"]
 _CACHE_FORMAT = 1  # bump when the pixels produced for the same inputs change
 _OUT_OF_BOUNDS = ("raise", "pad", "drop")
 _CACHES = (None, "memory", "disk")
+_PATCH_IMAGE_KEYS = ("img", "imgs", "images")  # names HEST-1k files use
+_PATCH_BARCODE_KEYS = ("barcode", "barcodes")
 
 
 class PatchExtractor:
@@ -496,14 +498,14 @@ class PatchExtractor:
 
 
 class _PatchFile:
-    """Rows of an HDF5 file of precomputed patches (``img``), opened lazily."""
+    """Rows of an HDF5 file of precomputed patches (``img``), opened on first use."""
 
     def __init__(self, path: Path) -> None:
         import h5py
 
         self.path = path
         self._file = h5py.File(path, "r")
-        self._images = self._file["img"]
+        self._images = self._file[next(k for k in _PATCH_IMAGE_KEYS if k in self._file)]
 
     def read(self, row: int, size: int) -> np.ndarray:
         patch = as_rgb_uint8(np.asarray(self._images[row]), name=f"{self.path}['img'][{row}]")
@@ -520,14 +522,17 @@ def _match_patch_rows(source: ImageSource, names: np.ndarray) -> tuple[tuple[int
     path = source.patches_path
     try:
         with h5py.File(path, "r") as f:
-            for key in ("img", "barcode"):
-                if key not in f:
+            keys = []
+            for candidates in (_PATCH_IMAGE_KEYS, _PATCH_BARCODE_KEYS):
+                key = next((k for k in candidates if k in f), None)
+                if key is None:
                     raise KeyError(
                         f"Patches file {path} (library {source.library_id!r}) has no dataset "
-                        f"{key!r} (datasets: {list(f.keys())})."
+                        f"{candidates[0]!r} (datasets: {list(f.keys())})."
                     )
-            shape = f["img"].shape
-            barcodes = np.asarray(f["barcode"][()]).reshape(-1)
+                keys.append(key)
+            shape = f[keys[0]].shape
+            barcodes = np.asarray(f[keys[1]][()]).reshape(-1)
     except OSError as err:
         raise ValueError(f"Could not read patches file {path}: {err}") from err
     if len(shape) != 4 or shape[-1] not in (3, 4) or shape[0] != len(barcodes):
