@@ -96,6 +96,8 @@ def _as_chw_uint8(patch: np.ndarray | torch.Tensor) -> torch.Tensor:
         array = np.asarray(patch)
         if array.ndim != 3 or array.shape[-1] != 3:
             raise ValueError(f"Expected an (H, W, 3) patch; got shape {array.shape}.")
+        if not array.flags.writeable:  # views of an in-memory image; torch wants writable
+            array = array.copy()
         image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
     if image.dtype != torch.uint8:
         raise TypeError(f"Expected a uint8 patch; got {image.dtype}.")

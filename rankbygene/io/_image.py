@@ -193,7 +193,8 @@ class PILImage(ImageReader):
         if self._pixels is None:
             with _open_pil(self.path) as im:
                 try:
-                    self._pixels = np.asarray(im.convert("RGB"))
+                    # converting an RGB image would hold one more full copy at the peak
+                    self._pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
                 except OSError as err:
                     raise ValueError(f"Could not decode image file {self.path}: {err}") from err
         return self._pixels
