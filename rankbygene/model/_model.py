@@ -251,7 +251,7 @@ class RankByGene(BaseModelClass):
         max_epochs: int | None = None,
         batch_size: int = 128,
         lr: float = 1e-3,
-        lr_backbone: float = 1e-4,
+        lr_backbone: float | None = None,
         weight_decay: float = 1e-4,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
@@ -274,7 +274,9 @@ class RankByGene(BaseModelClass):
         batch_size
             Spots per mini-batch (in-batch negatives and rankings need tens of spots at least).
         lr, lr_backbone
-            Learning rates of the heads and of the image backbone.
+            Learning rates of the heads and of the image backbone; ``lr_backbone`` defaults to
+            ``lr / 10`` for a pretrained backbone (fine-tuning) and ``lr`` for one trained from
+            scratch.
         weight_decay
             AdamW weight decay.
         accelerator, devices
@@ -333,7 +335,9 @@ class RankByGene(BaseModelClass):
             patches.materialize(progress=trainer_kwargs.get("enable_progress_bar", True))
         plan_kwargs = {
             "lr": lr,
-            "lr_backbone": lr_backbone,
+            "lr_backbone": lr_backbone
+            if lr_backbone is not None
+            else self._default_lr_backbone(lr),
             "weight_decay": weight_decay,
             "ema": self.ema,
             **(plan_kwargs or {}),
@@ -370,6 +374,10 @@ class RankByGene(BaseModelClass):
             return
         if early_stopping:
             plan.restore_best()
+
+    def _default_lr_backbone(self, lr: float) -> float:
+        pretrained = self.init_params_["non_kwargs"].get("pretrained", False)
+        return lr / 10 if pretrained else lr
 
     def _finish_interrupted(self, runner: TrainRunner, data_module: SpotDataModule) -> None:
         runner._update_history()

@@ -36,6 +36,10 @@ class RankByGeneTrainingPlan(pl.LightningModule):
         AdamW weight decay.
     ema
         Teacher momentum at the start and end of training.
+    adapt_ema
+        Lower the start momentum to ``1 - 10 / total_steps`` when that is smaller, so that the
+        teacher keeps less than 1% of its initialisation even in a short run (a slide has a few
+        hundred spots: tens of steps per run); long runs use ``ema[0]`` as given.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class RankByGeneTrainingPlan(pl.LightningModule):
         lr_backbone: float = 1e-4,
         weight_decay: float = 1e-4,
         ema: tuple[float, float] = (0.99, 1.0),
+        adapt_ema: bool = True,
     ) -> None:
         super().__init__()
         self.module = module
@@ -52,6 +57,7 @@ class RankByGeneTrainingPlan(pl.LightningModule):
         self.lr_backbone = lr_backbone
         self.weight_decay = weight_decay
         self.ema = tuple(ema)
+        self.adapt_ema = adapt_ema
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch: int | None = None
         self._best_loss = float("inf")
@@ -84,8 +90,16 @@ class RankByGeneTrainingPlan(pl.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        momentum = cosine_momentum(self.global_step, total, self.ema[0], self.ema[1])
+        momentum = cosine_momentum(self.global_step, total, self.ema_start(total), self.ema[1])
         self.module.update_teacher(momentum)
+
+    def ema_start(self, total_steps: int) -> float:
+        """Start momentum of the run: ``ema[0]``, lowered for short runs when ``adapt_ema``."""
+        start = self.ema[0]
+        if self.adapt_ema and start < 1.0:
+            # prod(m_t) ~ exp(-(1 - m0) * T / 2) <= exp(-5): the initial weights fade out
+            start = min(start, max(0.5, 1.0 - 10.0 / total_steps))
+        return start
 
     def on_train_epoch_start(self) -> None:
         # Lightning's .train() reaches the teacher too; its targets should be dropout-free.
