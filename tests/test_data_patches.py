@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import tifffile
 from anndata import AnnData
+from conftest import HER2ST, requires_her2st
 from PIL import Image
 
 import rankbygene.data._patches as patches_module
@@ -501,13 +502,9 @@ def test_precomputed_patches_file_must_have_datasets(tmp_path):
 
 # ---------------------------------------------------------------- real data
 
-HER2ST = Path(
-    os.environ.get("RANKBYGENE_HER2ST", Path(__file__).parents[1].parent / "shared/data/her2st")
-)
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HER2ST.is_dir(), reason=f"her2st data not found at {HER2ST}")
+@requires_her2st
 def test_her2st_patch_equals_jpeg_pixels(monkeypatch):
     spots = pd.read_csv(HER2ST / "ST-spotfiles" / "C2_selection.tsv", sep="\t")
     image_path = next((HER2ST / "ST-imgs" / "C" / "C2").glob("*.jpg"))

@@ -13,18 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HER2ST, requires_her2st
 
 from rankbygene.datasets import HER2ST_SECTIONS, her2st, her2st_genes
 from rankbygene.datasets import _her2st as her2st_module
 
-HER2ST = Path(
-    os.environ.get("RANKBYGENE_HER2ST")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st"
-)
-pytestmark = pytest.mark.skipif(
-    not (HER2ST / "ST-cnts").is_dir(),
-    reason=f"HER2+ data not found at {HER2ST} (set RANKBYGENE_HER2ST to its folder)",
-)
+pytestmark = requires_her2st
 
 
 def _mirror(root: Path, sections: tuple[str, ...] = ("C2", "B4")) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from conftest import HER2ST, requires_her2st
 from PIL import Image
 from scipy import sparse
 from scipy.spatial import cKDTree
@@ -28,14 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Variable names are not unique")
 
 # --- the real HER2+ sections -----------------------------------------------------------------
 
-HER2ST = Path(
-    os.environ.get("RANKBYGENE_HER2ST")
-    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st"
-)
-needs_her2st = pytest.mark.skipif(
-    not (HER2ST / "ST-cnts").is_dir(),
-    reason=f"HER2+ data not found at {HER2ST} (set RANKBYGENE_HER2ST to its folder)",
-)
+needs_her2st = requires_her2st
 # spots under tissue with counts, as the data's README says
 SECTIONS = {"B4": 283, "C2": 187, "C3": 180, "C4": 184}
 IMAGES = {

@@ -1,25 +1,18 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from anndata import AnnData
+from conftest import HER2ST
 from scipy import sparse
 from scipy.spatial import cKDTree
 
 from rankbygene import pp
 from rankbygene.datasets._synthetic import synthetic
 from rankbygene.pp._smooth import _infer_n_neighs
-
-HER2ST = Path(
-    os.environ.get(
-        "RANKBYGENE_HER2ST", Path(__file__).parents[1].parent / "shared" / "data" / "her2st"
-    )
-)
 
 
 @pytest.fixture(scope="module")

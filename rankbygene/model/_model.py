@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import rich.pretty  # noqa: F401  scvi-tools' view_anndata_setup calls it without importing it
 import torch
 from anndata import AnnData
 from scipy import sparse

@@ -1,0 +1,444 @@
+"""RankByGene: setup, construction, training, representations, save/load and bad input."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import scvi
+import torch
+from conftest import HER2ST, requires_her2st
+from torch import nn
+
+import rankbygene as rbg
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Two small synthetic slides, set up; tests copy it before changing it."""
+    adata = rbg.datasets.synthetic(n_slides=2, n_spots=60, n_genes=30, seed=0)
+    rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+    return adata
+
+
+def _tiny_model(adata, **kwargs):
+    options = {"image_encoder": "resnet18", "input_size": 32, "n_latent": 16, **kwargs}
+    return rbg.RankByGene(adata, **options)
+
+
+def _fresh(adata):
+    """A copy without scvi-tools' registration, as a user's AnnData before setup."""
+    out = adata.copy()
+    for key in [k for k in out.uns if k.startswith("_scvi")]:
+        del out.uns[key]
+    return out
+
+
+# -- setup ------------------------------------------------------------------------------------
+def test_setup_registers_fields(small, capsys):
+    model = _tiny_model(small)
+    manager = model.adata_manager
+    assert manager.get_from_registry("X").shape == (small.n_obs, small.n_vars)
+    np.testing.assert_array_equal(manager.get_from_registry("spatial"), small.obsm["spatial"])
+    assert model.library_key == "library_id"
+    model.view_anndata_setup()
+    shown = capsys.readouterr().out
+    assert "adata.layers['counts']" in shown
+    assert "adata.obsm['spatial']" in shown
+    print(model)  # scvi-tools models print their summary
+    assert "RankByGene: image encoder resnet18" in capsys.readouterr().out
+
+
+def _no_spatial(a):
+    del a.obsm["spatial"]
+
+
+def _nan_counts(a):
+    a.layers["counts"] = a.layers["counts"].toarray()
+    a.layers["counts"][3, 2] = np.nan
+
+
+def _negative_counts(a):
+    a.layers["counts"] = a.layers["counts"].toarray()
+    a.layers["counts"][0, 0] = -1
+
+
+def _constant_gene(a):
+    a.layers["counts"] = a.layers["counts"].toarray()
+    a.layers["counts"][:, 4] = 2.0
+
+
+def _unknown_library(a):
+    a.obs["library_id"] = a.obs["library_id"].cat.rename_categories({"slide_1": "slide_9"})
+
+
+def _no_image(a):
+    a.uns["spatial"]["slide_0"]["images"] = {}
+
+
+def _no_diameter(a):
+    del a.uns["spatial"]["slide_1"]["scalefactors"]["spot_diameter_fullres"]
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "error", "match"),
+    [
+        (_no_spatial, {}, KeyError, r"obsm\['spatial'\]"),
+        (_nan_counts, {}, ValueError, r"layers\['counts'\] has 1 NaN"),
+        (_negative_counts, {}, ValueError, "1 negative values"),
+        (_constant_gene, {}, ValueError, r"1 genes have zero variance.*TUMOR_5|zero variance"),
+        (_unknown_library, {}, KeyError, "slide_9"),
+        (_no_image, {}, KeyError, "slide_0"),
+        (_no_diameter, {}, KeyError, "spot_diameter_fullres"),
+        (None, {"layer": "raw"}, KeyError, "'raw' not in adata.layers"),
+        (None, {"library_key": "batch"}, KeyError, "batch"),
+        (None, {"features_key": "X_uni"}, KeyError, "X_uni"),
+    ],
+)
+def test_setup_rejects_bad_input_and_leaves_adata_alone(small, change, kwargs, error, match):
+    adata = _fresh(small)
+    if change is not None:
+        change(adata)
+    before = (set(adata.uns), set(adata.obsm), set(adata.obs.columns), set(adata.layers))
+    options = {"layer": "counts", "library_key": "library_id", **kwargs}
+    with pytest.raises(error, match=match):
+        rbg.RankByGene.setup_anndata(adata, **options)
+    assert (set(adata.uns), set(adata.obsm), set(adata.obs.columns), set(adata.layers)) == before
+
+
+def test_setup_rejects_nan_features(small):
+    adata = _fresh(small)
+    features = np.ones((adata.n_obs, 8), dtype=np.float32)
+    features[5, 1] = np.nan
+    adata.obsm["X_uni"] = features
+    with pytest.raises(ValueError, match=r"obsm\['X_uni'\] has 1 NaN"):
+        rbg.RankByGene.setup_anndata(
+            adata, layer="counts", library_key="library_id", features_key="X_uni"
+        )
+
+
+def test_model_needs_setup(small):
+    with pytest.raises(ValueError, match="setup_anndata"):
+        rbg.RankByGene(_fresh(small))
+
+
+# -- encoders ---------------------------------------------------------------------------------
+def test_unknown_encoder_named(small):
+    with pytest.raises(ValueError, match="timm does not know the image encoder 'resnet_18x'"):
+        rbg.RankByGene(small, image_encoder="resnet_18x")
+
+
+def test_input_size_the_encoder_cannot_take(small):
+    fixed = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 10))  # only 64 x 64 inputs
+    with pytest.raises(ValueError, match="cannot take 32 x 32 inputs"):
+        rbg.RankByGene(small, image_encoder=fixed, input_size=32)
+    with pytest.raises(ValueError, match="at least 8 pixels"):
+        _tiny_model(small, input_size=4)
+
+
+def test_user_module_encoder_feature_maps_are_pooled(small):
+    conv = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())  # returns (B, 6, H, W)
+    model = rbg.RankByGene(small, image_encoder=conv, input_size=16, n_latent=8)
+    assert model.module.n_features == 6
+    emb = model.get_image_representation(indices=np.arange(5), batch_size=4)
+    assert emb.shape == (5, 8)
+    features = model.get_image_representation(indices=np.arange(5), kind="backbone")
+    assert features.shape == (5, 6)
+    with pytest.raises(ValueError, match="n_features=7 but"):
+        rbg.RankByGene(small, image_encoder=conv, input_size=16, n_features=7)
+
+
+def test_pretrained_weights_from_a_local_checkpoint(small, tmp_path):
+    import timm
+
+    torch.manual_seed(1)
+    source = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18_weights.pth"
+    torch.save(source.state_dict(), path)  # with the classifier, as published weights come
+    model = _tiny_model(small, pretrained=path)
+    teacher = model.module.teacher_backbone.state_dict()
+    assert "fc.weight" not in teacher  # num_classes=0: the classifier was dropped
+    for name in ("conv1.weight", "layer4.1.bn2.running_var"):
+        torch.testing.assert_close(teacher[name], source.state_dict()[name])
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
+        _tiny_model(small, pretrained=tmp_path / "missing.pth")
+
+
+# -- training ---------------------------------------------------------------------------------
+def test_batch_size_larger_than_the_data(small):
+    model = _tiny_model(small)
+    with pytest.raises(ValueError, match="batch_size=500 is larger than the"):
+        model.train(max_epochs=1, batch_size=500)
+    assert not model.is_trained_
+
+
+def test_history_has_every_term_for_train_and_validation(trained_synthetic):
+    history = trained_synthetic.model.history
+    epochs = trained_synthetic.epochs
+    for split in ("train", "validation"):
+        for term in ("loss", "contrastive", "rank", "distill", "rank_agreement"):
+            key = f"{split}_{term}"
+            assert key in history, key
+            values = history[key][key].astype(float).to_numpy()
+            assert len(values) == epochs
+            assert np.isfinite(values).all()
+    train_loss = history["train_loss"]["train_loss"].astype(float).to_numpy()
+    assert train_loss[-1] < train_loss[0]
+    agreement = history["validation_rank_agreement"]["validation_rank_agreement"].astype(float)
+    assert agreement.iloc[-1] > agreement.iloc[0]
+
+
+def test_training_beats_the_untrained_model_on_a_held_out_slide(trained_synthetic):
+    run = trained_synthetic
+    trained = run.heldout_pearson()
+    # The margin is stated in conftest.LEARNING_MARGIN with the numbers it was measured from.
+    assert trained > run.untrained_pearson + run.learning_margin, (
+        trained,
+        run.untrained_pearson,
+    )
+
+
+def test_cross_modal_retrieval_beats_chance(trained_synthetic):
+    run = trained_synthetic
+    image = run.model.get_image_representation(run.test)
+    genes = run.model.get_gene_representation(run.test_setup)
+    top5 = np.argsort(-(image @ genes.T), axis=1)[:, :5]
+    hit = (top5 == np.arange(len(image))[:, None]).any(axis=1).mean()
+    chance = 5 / len(image)
+    assert hit > 3 * chance, (hit, chance)
+    assert hit > run.untrained_top5 + chance
+
+
+def test_teacher_follows_the_student(trained_synthetic):
+    module = trained_synthetic.model.module
+    student = dict(module.student_head.named_parameters())
+    teacher = dict(module.teacher_head.named_parameters())
+    assert not any(p.requires_grad for p in teacher.values())
+    # EMA: the teacher moved from its initialisation towards, but not onto, the student
+    assert all(not torch.equal(student[n], teacher[n]) for n in ("projection.weight",))
+    similarity = nn.functional.cosine_similarity(
+        student["projection.weight"].flatten(), teacher["projection.weight"].flatten(), dim=0
+    )
+    assert similarity > 0.9
+
+
+def test_same_seed_same_embeddings(small):
+    embeddings = []
+    for _ in range(2):
+        scvi.settings.seed = 3
+        model = _tiny_model(small)
+        model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+        embeddings.append(model.get_image_representation())
+    np.testing.assert_array_equal(embeddings[0], embeddings[1])
+
+
+class _InterruptAtEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_training_keeps_a_usable_model(small):
+    scvi.settings.seed = 0
+    model = _tiny_model(small)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.warns(UserWarning, match="interrupted.*weights of epoch 0"):
+        model.train(
+            max_epochs=5,
+            batch_size=32,
+            enable_progress_bar=False,
+            callbacks=[_InterruptAtEpoch(1)],
+        )
+    assert model.is_trained_
+    assert len(model.history["train_loss"]) >= 1
+    assert signal.getsignal(signal.SIGINT) == handler  # Ctrl+C still works in the notebook
+    embedding = model.get_image_representation()
+    assert embedding.shape == (small.n_obs, 16)
+    assert np.isfinite(embedding).all()
+
+
+def test_early_stopping_restores_the_best_epoch(small):
+    scvi.settings.seed = 0
+    model = _tiny_model(small)
+    model.train(
+        max_epochs=4,
+        batch_size=32,
+        train_size=0.7,
+        early_stopping=True,
+        early_stopping_patience=1,
+        enable_progress_bar=False,
+    )
+    losses = model.history["validation_loss"]["validation_loss"].astype(float)
+    assert len(losses) <= 4
+    assert model.is_trained_
+
+
+def test_precomputed_features_train_only_the_heads(small):
+    adata = _fresh(small)
+    rng = np.random.default_rng(0)
+    # features that carry the tissue composition, as a foundation model's would
+    fractions = adata.obsm["region_fractions"]
+    adata.obsm["X_uni"] = np.hstack([fractions, rng.normal(size=(adata.n_obs, 12))]).astype(
+        np.float32
+    )
+    rbg.RankByGene.setup_anndata(
+        adata, layer="counts", library_key="library_id", features_key="X_uni"
+    )
+    scvi.settings.seed = 0
+    model = rbg.RankByGene(adata, n_latent=8)
+    assert model.module.uses_features
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    embedding = model.get_image_representation()
+    assert embedding.shape == (adata.n_obs, 8)
+    assert model.get_image_representation(kind="backbone").shape == (adata.n_obs, 16)
+    without = adata.copy()
+    del without.obsm["X_uni"]
+    with pytest.raises(KeyError, match="X_uni"):
+        model.get_image_representation(without)
+    broken = adata.copy()
+    broken.obsm["X_uni"][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.get_image_representation(broken)
+
+
+# -- representations --------------------------------------------------------------------------
+def test_image_getter_accepts_a_slide_without_expression(trained_synthetic):
+    run = trained_synthetic
+    image_only = run.test[:, :0].copy()  # no genes, no counts
+    embedding = run.model.get_image_representation(image_only)
+    np.testing.assert_allclose(embedding, run.model.get_image_representation(run.test), atol=1e-6)
+    norms = np.linalg.norm(embedding, axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert not image_only.obsm.keys() - run.test.obsm.keys()
+
+
+def test_gene_getter_names_missing_genes(trained_synthetic):
+    run = trained_synthetic
+    fewer = run.test_setup[:, 3:].copy()
+    with pytest.raises(ValueError, match="lacks 3 of the model's"):
+        run.model.get_gene_representation(fewer)
+
+
+# -- save / load ------------------------------------------------------------------------------
+def test_save_load_round_trip(trained_synthetic, tmp_path):
+    run = trained_synthetic
+    before = run.model.get_image_representation(run.test)
+    run.model.save(tmp_path / "model")
+    with pytest.raises(ValueError, match="already exists"):
+        run.model.save(tmp_path / "model")
+    loaded = rbg.RankByGene.load(tmp_path / "model", adata=run.train)
+    np.testing.assert_allclose(loaded.get_image_representation(run.test), before, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.get_gene_representation(), run.model.get_gene_representation(), atol=1e-6
+    )
+    assert loaded.is_trained_
+    # without AnnData the image encoder still works on any slide
+    alone = rbg.RankByGene.load(tmp_path / "model")
+    np.testing.assert_allclose(alone.get_image_representation(run.test), before, atol=1e-6)
+
+
+def test_load_rejects_other_genes_and_bad_files(trained_synthetic, tmp_path):
+    run = trained_synthetic
+    run.model.save(tmp_path / "model")
+    with pytest.raises(ValueError, match="lacks 2 of the model's"):
+        rbg.RankByGene.load(tmp_path / "model", adata=run.train[:, 2:].copy())
+    with pytest.raises(ValueError, match="another order"):
+        rbg.RankByGene.load(tmp_path / "model", adata=run.train[:, ::-1].copy())
+    with pytest.raises(FileNotFoundError, match="No saved model"):
+        rbg.RankByGene.load(tmp_path / "nowhere")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        rbg.RankByGene.load(corrupt)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    data = (tmp_path / "model" / "model.pt").read_bytes()
+    (truncated / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        rbg.RankByGene.load(truncated)
+
+
+def test_load_rejects_another_models_checkpoint(small, tmp_path):
+    adata = _fresh(small)
+    scvi.model.SCVI.setup_anndata(adata, layer="counts")
+    scvi.model.SCVI(adata, n_latent=2, n_hidden=8).save(tmp_path / "scvi")
+    with pytest.raises(ValueError, match="holds a SCVI model, not a RankByGene"):
+        rbg.RankByGene.load(tmp_path / "scvi")
+
+
+# -- distributed and real data ----------------------------------------------------------------
+DDP_SCRIPT = """
+import json, os, sys
+import numpy as np, scvi
+import rankbygene as rbg
+
+scvi.settings.seed = 0
+adata = rbg.datasets.synthetic(n_slides=2, n_spots=60, n_genes=30, seed=0)
+rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+model = rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=16)
+model.train(
+    max_epochs=1, batch_size=16, accelerator="cpu", devices=2, strategy="ddp",
+    enable_progress_bar=False,
+)
+if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    embedding = model.get_image_representation()
+    out = {
+        "history": sorted(model.history),
+        "finite": bool(np.isfinite(embedding).all()),
+        "shape": list(embedding.shape),
+    }
+    with open(sys.argv[1], "w") as handle:
+        json.dump(out, handle)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train_one_epoch(tmp_path):
+    import json
+
+    script = tmp_path / "train_ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Starting with 2 processes" in output
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert "train_contrastive" in out["history"]
+    assert out["finite"]
+    assert out["shape"] == [128, 16]
+
+
+@pytest.mark.slow
+@requires_her2st
+def test_real_sections_train_end_to_end():
+    import anndata as ad
+
+    sections = [rbg.datasets.her2st(s, path=HER2ST) for s in ("C2", "C3")]
+    adata = ad.concat(sections, join="inner", uns_merge="unique")
+    rbg.pp.select_genes(adata, n_top=50, flavor="heg")
+    rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+    scvi.settings.seed = 0
+    model = rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=16)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    assert np.isfinite(model.history["train_loss"]["train_loss"].astype(float)).all()
+    embedding = model.get_image_representation()
+    assert embedding.shape == (adata.n_obs, 16)
+    assert np.isfinite(embedding).all()
+    assert model.get_gene_representation().shape == (adata.n_obs, 16)
