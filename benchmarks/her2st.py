@@ -167,9 +167,10 @@ def run_fold(adata: ad.AnnData, held_out: str, method: str, seed: int, args) -> 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("scvi").setLevel(logging.ERROR)
+    import lightning.pytorch  # noqa: F401  lightning sets its log level on import: quiet it after
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     started = time.perf_counter()
     adata, panel = load_sections(args)
     print(

@@ -88,3 +88,16 @@ def trained_synthetic() -> TrainedRun:
     epochs = 6
     model.train(max_epochs=epochs, batch_size=32, enable_progress_bar=False)
     return TrainedRun(model, train, test, test_setup, epochs, untrained, untrained_top5)
+
+
+@pytest.fixture(scope="session")
+def predicted_heldout(trained_synthetic):
+    """The held-out slide with ``layers["rankbygene_predicted"]`` and ``obsm["X_rankbygene"]``.
+
+    Shared: tests that change it take a ``.copy()``.
+    """
+    run = trained_synthetic
+    test = run.test.copy()
+    run.model.predict_expression(test)
+    test.obsm["X_rankbygene"] = run.model.get_image_representation(test)
+    return test

@@ -21,12 +21,8 @@ def _close_figures():
 
 
 @pytest.fixture(scope="module")
-def predicted(trained_synthetic):
-    run = trained_synthetic
-    test = run.test.copy()
-    run.model.predict_expression(test)
-    test.obsm["X_rankbygene"] = run.model.get_image_representation(test)
-    return test
+def predicted(predicted_heldout):
+    return predicted_heldout.copy()
 
 
 def test_history_draws_each_term(trained_synthetic, tmp_path):

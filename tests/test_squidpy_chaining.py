@@ -9,12 +9,9 @@ import squidpy as sq
 
 
 @pytest.fixture(scope="module")
-def slide(trained_synthetic):
+def slide(predicted_heldout):
     """The held-out slide with predicted expression and the image embedding."""
-    run = trained_synthetic
-    test = run.test.copy()
-    run.model.predict_expression(test)
-    test.obsm["X_rankbygene"] = run.model.get_image_representation(test)
+    test = predicted_heldout.copy()
     sq.gr.spatial_neighbors(test, coord_type="grid", n_neighs=6)
     return test
 

@@ -1,0 +1,52 @@
+"""Every tutorial notebook runs from top to bottom (on offline data; HER2+ when present)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from conftest import HAS_HER2ST, HER2ST
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+NEEDS_HER2ST = {"her2st"}
+
+
+def _run(name: str, workdir: Path) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    shutil.copy(TUTORIALS / f"{name}.ipynb", workdir)  # artefacts land in tmp, not the repo
+    notebook = nbformat.read(workdir / f"{name}.ipynb", as_version=4)
+    client = NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": workdir}}
+    )
+    client.execute()
+    return notebook
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.stem for p in TUTORIALS.glob("*.ipynb")))
+def test_tutorial_runs(name, tmp_path, monkeypatch):
+    pytest.importorskip("nbclient", reason="notebook runner not installed")
+    if name in NEEDS_HER2ST:
+        if not HAS_HER2ST:
+            pytest.skip(f"tutorial {name} needs the HER2+ data, not found at {HER2ST}")
+        monkeypatch.setenv("RANKBYGENE_HER2ST", str(HER2ST))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    notebook = _run(name, tmp_path)
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
+    ]
+    assert not errors
+    images = sum(
+        "image/png" in output.get("data", {})
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    )
+    assert images >= 1 or name == "encoders"
