@@ -1,5 +1,6 @@
 """Data sets: real spatial transcriptomics sections (downloaded on demand) and synthetic tissue."""
 
+from rankbygene.datasets._cohort import synthetic_cohort
 from rankbygene.datasets._her2st import (
     HER2ST_BASE_URL,
     HER2ST_GENES_URL,
@@ -16,4 +17,5 @@ __all__ = [
     "her2st",
     "her2st_genes",
     "synthetic",
+    "synthetic_cohort",
 ]

@@ -206,6 +206,9 @@ def image_loader(
         patches = make_patch_extractor(
             model, adata, library_key=library_key, out_of_bounds=out_of_bounds
         )
+        from rankbygene.pp._tile import check_tile_resolution
+
+        check_tile_resolution(adata, patches, model.input_size)  # whole-slide tiles upsampled?
         dataset = SpotViews(
             idx, patches=patches, transforms=[eval_transform(model.image_mean, model.image_std)]
         )

@@ -1,0 +1,502 @@
+"""Whole-slide tiling: a grid of tissue tiles of a slide as an AnnData in the spatial layout.
+
+The slide is never decoded at full resolution: tissue is found on a thumbnail read band by band
+from the coarsest pyramid level that suffices, and the tiles' pixels are read later, lazily, by
+:class:`~rankbygene.data.PatchExtractor` (hence by :meth:`RankByGene.get_image_representation`
+and :meth:`RankByGene.predict_expression`) from ``metadata["source_image_path"]``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from PIL import Image
+
+from rankbygene._constants import METADATA_SOURCE_IMAGE, SCALEFACTOR_SPOT_DIAMETER, SPATIAL_KEY
+from rankbygene._logging import logger
+from rankbygene.io._image import ImageReader, PILImage, open_image
+
+if TYPE_CHECKING:
+    from rankbygene.data import PatchExtractor
+
+__all__ = ["check_tile_resolution", "tile_slide", "tissue_mask"]
+
+#: ``uns["spatial"][library]["metadata"]`` keys written by :func:`tile_slide`.
+METADATA_TILE_SIZE_UM = "tile_size_um"
+METADATA_MPP = "mpp"
+
+_MASK_MIN_TILE_PX = 8  # mask pixels along a tile side, at least (when the mask size allows)
+_MASK_MAX_SIDE = 8192  # longest side of the tissue mask
+_BAND_PIXELS = 1 << 25  # source pixels decoded per band of the thumbnail (~100 MB of RGB)
+_LOWRES_MAX_SIDE = 600  # as Visium's tissue_lowres_image
+
+
+def tile_slide(
+    path: str | Path,
+    tile_size_um: float = 112.0,
+    mpp: float | None = None,
+    level: int | None = None,
+    tissue_threshold: float = 0.5,
+    stride_um: float | None = None,
+    library_id: str | None = None,
+    min_saturation: float = 0.05,
+    mask_mpp: float = 8.0,
+    thumbnail_size: int = 2000,
+    backend: Literal["auto", "pil", "tifffile", "openslide"] = "auto",
+) -> AnnData:
+    """Tile the tissue of a whole-slide image into an AnnData of tiles (squidpy spatial layout).
+
+    Tissue is found as HEST-1k and CLAM do: Otsu's threshold on the saturation of a thumbnail
+    (glass is grey-white, stained tissue is coloured), small specks removed and small holes
+    filled. A regular grid of square tiles of ``tile_size_um`` microns covers the slide; tiles
+    with at least ``tissue_threshold`` of their area on tissue are kept. Nothing is decoded at
+    full resolution: the thumbnail comes from the coarsest pyramid level that suffices, band by
+    band, and the tiles' pixels are read later, lazily, from the file (one tile = one "spot").
+
+    Parameters
+    ----------
+    path
+        The slide: a pyramidal TIFF, OME-TIFF or SVS (tifffile), an ``.ndpi``/``.mrxs``/... slide
+        (OpenSlide, with the ``openslide`` extra), or a plain JPEG/PNG/TIFF with ``mpp`` given.
+    tile_size_um
+        Tile side in microns (112 um, i.e. 224 px at 0.5 um/px, as HEST-1k patches).
+    mpp
+        Microns per full-resolution pixel; overrides the file's (SVS ``MPP``, OME
+        ``PhysicalSizeX``, TIFF resolution tags, OpenSlide ``mpp-x``). Needed when the file has
+        none.
+    level
+        Pyramid level the tissue mask is computed on, at that level's full size (its whole area
+        is held in memory). Default: a thumbnail of ``mask_mpp`` microns per pixel.
+    tissue_threshold
+        Fraction of a tile's area that must be tissue for the tile to be kept, in [0, 1].
+    stride_um
+        Distance between neighbouring tiles in microns (default: ``tile_size_um``, no overlap).
+    library_id
+        Key in ``uns["spatial"]`` and value of ``obs["library_id"]`` (default: the file name
+        without its extension).
+    min_saturation
+        Lowest saturation threshold (0 to 1): Otsu's threshold is raised to it, so that a slide
+        of bare glass (noise only) is found to have no tissue rather than half of it.
+    mask_mpp
+        Microns per pixel of the tissue mask (without ``level``): about a nucleus, so that
+        nuclei and the paler matter between them are blurred into one tissue (CLAM segments at a
+        32-fold downsample of 0.25-0.5 um/px). Raised if needed so that a tile spans at least 8
+        mask pixels; the mask has at most 8192 pixels on its long side.
+    thumbnail_size
+        Longest side of the ``"hires"`` image kept in ``uns`` (the ``"lowres"`` one has 600).
+    backend
+        Reader backend of :func:`rankbygene.io.open_image`.
+
+    Returns
+    -------
+    AnnData with one observation per tile and no variables:
+
+    - ``obsm["spatial"]``: tile centres ``(x, y)`` in full-resolution pixels.
+    - ``obs``: ``library_id`` (categorical), ``array_row``, ``array_col`` (grid position) and
+      ``tissue_fraction``.
+    - ``uns["spatial"][library_id]``: ``images`` (``"hires"``, ``"lowres"`` thumbnails),
+      ``scalefactors`` (``tissue_hires_scalef``, ``tissue_lowres_scalef``,
+      ``spot_diameter_fullres`` = the tile side in full-resolution pixels) and ``metadata``
+      (``source_image_path``, ``mpp``, ``tile_size_um``, ``tile_size_px``, ``stride_px``,
+      ``tissue_threshold``, ``saturation_threshold``).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        The slide cannot be opened, has no microns per pixel and ``mpp`` is not given, a tile is
+        larger than the slide or smaller than a pixel, or no tile has enough tissue.
+
+    Examples
+    --------
+    >>> import rankbygene as rbg
+    >>> tiles = rbg.pp.tile_slide("slide.svs", tile_size_um=112)  # doctest: +SKIP
+    >>> tiles.obsm["X_rankbygene"] = model.get_image_representation(tiles)  # doctest: +SKIP
+    >>> predicted = model.predict_expression(tiles)  # doctest: +SKIP
+    >>> import squidpy as sq
+    >>> sq.pl.spatial_scatter(predicted, color="ERBB2", shape="square")  # doctest: +SKIP
+    """
+    _check_tile_args(tile_size_um, mpp, tissue_threshold, stride_um, min_saturation, thumbnail_size)
+    if not (isinstance(mask_mpp, int | float) and math.isfinite(mask_mpp) and mask_mpp > 0):
+        raise ValueError(f"mask_mpp must be a positive number; got {mask_mpp!r}.")
+    path = Path(path)
+    reader = open_slide(path, mpp=mpp, backend=backend)
+    try:
+        return _tile(
+            reader,
+            path,
+            tile_size_um,
+            level,
+            tissue_threshold,
+            stride_um,
+            library_id,
+            min_saturation,
+            mask_mpp,
+            thumbnail_size,
+        )
+    finally:
+        reader.close()
+
+
+def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> ImageReader:
+    """Open a slide and check that its microns per pixel are known, naming the file if not.
+
+    Examples
+    --------
+    >>> from rankbygene.pp._tile import open_slide
+    >>> open_slide("slide.tif", mpp=0.5).mpp  # doctest: +SKIP
+    0.5
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Slide not found: {path}")
+    try:
+        reader = open_image(path, backend=backend, mpp=mpp)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"Could not open slide {path}: {err}") from err
+    if reader.mpp is None or not (np.isfinite(reader.mpp) and reader.mpp > 0):
+        found = reader.mpp
+        reader.close()
+        what = "no microns per pixel" if found is None else f"an invalid microns per pixel {found}"
+        raise ValueError(
+            f"Slide {path} has {what} (no MPP in its description, no resolution tags or "
+            "OpenSlide mpp-x): pass mpp=, the microns per full-resolution pixel."
+        )
+    return reader
+
+
+def slide_id(path: str | Path) -> str:
+    """A slide's name without its extension (``.ome.tif`` counted as one)."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _tile(
+    reader: ImageReader,
+    path: Path,
+    tile_size_um: float,
+    level: int | None,
+    tissue_threshold: float,
+    stride_um: float | None,
+    library_id: str | None,
+    min_saturation: float,
+    mask_mpp: float,
+    thumbnail_size: int,
+) -> AnnData:
+    height, width = reader.shape
+    mpp = float(reader.mpp)
+    side = int(round(tile_size_um / mpp))
+    stride = side if stride_um is None else int(round(stride_um / mpp))
+    if side < 1 or stride < 1:
+        raise ValueError(
+            f"Slide {path}: tiles of {tile_size_um} um (stride {stride_um or tile_size_um} um) "
+            f"are smaller than a pixel at {mpp} um/px."
+        )
+    if side > min(height, width):
+        raise ValueError(
+            f"Slide {path}: a tile of {tile_size_um} um is {side} px at {mpp} um/px, larger than "
+            f"the slide ({width} x {height} px)."
+        )
+    if level is not None and not 0 <= level < len(reader.level_downsamples):
+        raise ValueError(
+            f"Slide {path} has pyramid levels 0..{len(reader.level_downsamples) - 1}; got "
+            f"level={level}."
+        )
+    library_id = slide_id(path) if library_id is None else str(library_id)
+
+    mask_scale = _mask_scale(reader, side, level, mask_mpp)
+    hires_scale = min(1.0, thumbnail_size / max(height, width))
+    # one read for both: the sharper of the mask and the hires image, the other shrunk from it
+    thumb = read_thumbnail(reader, max(mask_scale, hires_scale))
+    mask_image = _shrink_to(thumb, _scaled_size((height, width), mask_scale))
+    mask, threshold = tissue_mask(mask_image, min_saturation=min_saturation)
+    if not mask.any():
+        raise ValueError(
+            f"No tissue found in slide {path}: no pixel of its thumbnail is more saturated than "
+            f"{threshold:.3f} (Otsu's threshold, at least min_saturation={min_saturation})."
+        )
+    rows, cols, x0, y0 = _grid(height, width, side, stride)
+    fraction = _tile_fractions(mask, x0, y0, side, (height, width))
+    keep = fraction >= tissue_threshold
+    if not keep.any():
+        raise ValueError(
+            f"No tile of slide {path} has tissue_threshold={tissue_threshold} of its area on "
+            f"tissue (best: {fraction.max():.2f}; {mask.mean():.1%} of the slide is tissue): "
+            "lower tissue_threshold or tile_size_um."
+        )
+    rows, cols, x0, y0, fraction = rows[keep], cols[keep], x0[keep], y0[keep], fraction[keep]
+    centres = np.column_stack([x0 + side / 2, y0 + side / 2]).astype(np.float64)
+
+    hires = _shrink_to(thumb, _scaled_size((height, width), hires_scale))
+    lowres_scale = min(1.0, _LOWRES_MAX_SIDE / max(height, width))
+    lowres = _shrink_to(hires, _scaled_size((height, width), lowres_scale))
+    # the scale factors squidpy uses: image pixels per full-resolution pixel, along x
+    hires_scale = hires.shape[1] / width
+    lowres_scale = lowres.shape[1] / width
+    obs = pd.DataFrame(
+        {
+            "library_id": pd.Categorical([library_id] * len(rows)),
+            "array_row": rows.astype(np.int64),
+            "array_col": cols.astype(np.int64),
+            "tissue_fraction": fraction.astype(np.float32),
+        },
+        index=pd.Index([f"{library_id}_{r}x{c}" for r, c in zip(rows, cols, strict=True)]),
+    )
+    adata = AnnData(obs=obs, obsm={SPATIAL_KEY: centres})
+    adata.uns[SPATIAL_KEY] = {
+        library_id: {
+            "images": {"hires": hires, "lowres": lowres},
+            "scalefactors": {
+                "tissue_hires_scalef": hires_scale,
+                "tissue_lowres_scalef": lowres_scale,
+                SCALEFACTOR_SPOT_DIAMETER: float(side),
+            },
+            "metadata": {
+                METADATA_SOURCE_IMAGE: str(path.resolve()),
+                METADATA_MPP: mpp,
+                METADATA_TILE_SIZE_UM: float(tile_size_um),
+                "tile_size_px": int(side),
+                "stride_px": int(stride),
+                "tissue_threshold": float(tissue_threshold),
+                "saturation_threshold": float(threshold),
+                "source": "rankbygene.pp.tile_slide",
+            },
+        }
+    }
+    logger.info(
+        f"tiled {path}: {adata.n_obs} tiles of {side} px ({tile_size_um} um at {mpp:g} um/px) "
+        f"with at least {tissue_threshold:.0%} tissue; {mask.mean():.1%} of the slide is tissue"
+    )
+    return adata
+
+
+def read_thumbnail(reader: ImageReader, scale: float) -> np.ndarray:
+    """The slide downscaled by ``scale`` (thumbnail pixels per full-resolution pixel).
+
+    Read band by band from the coarsest pyramid level that suffices, so that at most about
+    ``2**25`` source pixels are decoded at a time (JPEG/PNG files, which have no random access,
+    are decoded by PIL's draft mode or whole).
+    """
+    height, width = reader.shape
+    out_w = max(1, int(round(width * scale)))
+    out_h = max(1, int(round(height * scale)))
+    if isinstance(reader, PILImage):
+        thumb, _ = reader.thumbnail(max(out_w, out_h))
+        return _resize_to(thumb, (out_w, out_h))
+    level = reader.best_level(width / out_w)
+    down = reader.level_downsamples[level]
+    level_width = width / down
+    source_rows_per_row = (height / out_h) / down
+    rows_per_band = max(1, int(_BAND_PIXELS // max(1.0, level_width * source_rows_per_row)))
+    thumb = np.empty((out_h, out_w, 3), dtype=np.uint8)
+    for r0 in range(0, out_h, rows_per_band):
+        r1 = min(out_h, r0 + rows_per_band)
+        y0 = r0 * height / out_h
+        y1 = r1 * height / out_h
+        thumb[r0:r1] = reader.read_region(0, y0, width, y1 - y0, out_size=(out_w, r1 - r0))
+    return thumb
+
+
+def tissue_mask(
+    thumbnail: np.ndarray,
+    min_saturation: float = 0.05,
+    min_area: float = 1e-4,
+) -> tuple[np.ndarray, float]:
+    """Tissue pixels of an RGB thumbnail: Otsu's threshold on saturation, cleaned up.
+
+    Parameters
+    ----------
+    thumbnail
+        ``(H, W, 3)`` uint8 image.
+    min_saturation
+        Lowest threshold (Otsu's is raised to it), in [0, 1].
+    min_area
+        Specks and holes smaller than this fraction of the thumbnail are removed or filled.
+
+    Returns
+    -------
+    Boolean ``(H, W)`` mask and the saturation threshold used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.pp._tile import tissue_mask
+    >>> image = np.full((64, 64, 3), 240, np.uint8)
+    >>> image[16:48, 16:48] = (200, 120, 180)  # a pink square on glass
+    >>> mask, threshold = tissue_mask(image)
+    >>> bool(mask[16:48, 16:48].mean() > 0.99), bool(mask[:16].any())
+    (True, False)
+    """
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    rgb = np.asarray(thumbnail)
+    high = rgb.max(axis=-1).astype(np.float32)
+    low = rgb.min(axis=-1).astype(np.float32)
+    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
+    # CLAM blurs the saturation before thresholding: speckle noise on glass does not pass.
+    saturation = ndimage.median_filter(saturation, size=3)
+    if float(saturation.max() - saturation.min()) > 1e-6:
+        threshold = float(threshold_otsu(saturation))
+    else:
+        threshold = float(saturation.max())
+    threshold = max(threshold, float(min_saturation))
+    mask = saturation > threshold
+    min_size = max(1, int(round(min_area * mask.size)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skimage warns on masks with a single label
+        mask = remove_small_objects(mask, min_size)
+        mask = remove_small_holes(mask, min_size)
+    return mask, threshold
+
+
+def check_tile_resolution(
+    adata: AnnData, patches: PatchExtractor, input_size: int, action: str = "warn"
+) -> list[str]:
+    """Libraries of whole-slide tiles whose tiles span fewer pixels than the encoder's input.
+
+    Such tiles are upsampled to ``input_size`` (blurry, and not the scale the encoder learnt).
+    Only libraries written by :func:`tile_slide` (``metadata["tile_size_um"]``) are checked: for
+    spots, the spot diameter is fixed by the assay and upsampling is the norm.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the patches come from.
+    patches
+        Its patch extractor (geometry of each library).
+    input_size
+        The encoder's input side in pixels.
+    action
+        ``"warn"`` (a :class:`UserWarning`) or ``"raise"`` (:class:`ValueError`).
+
+    Returns
+    -------
+    The library ids at fault.
+
+    Examples
+    --------
+    >>> check_tile_resolution(tiles, patches, input_size=224)  # doctest: +SKIP
+    []
+    """
+    spatial = adata.uns.get(SPATIAL_KEY, {})
+    libraries, faults = [], []
+    for lib, source in patches.sources.items():
+        metadata = (spatial.get(lib) or {}).get("metadata") or {}
+        if METADATA_TILE_SIZE_UM not in metadata or source.kind == "patches":
+            continue
+        pixels = source.spot_diameter_fullres * patches.patch_scale * source.scale
+        if pixels < input_size:
+            libraries.append(lib)
+            faults.append(
+                f"{lib!r} ({metadata.get(METADATA_SOURCE_IMAGE, 'in memory')}): tiles of "
+                f"{metadata[METADATA_TILE_SIZE_UM]} um span {pixels:.0f} px"
+            )
+    if faults:
+        message = (
+            f"Tiles smaller than the encoder's input of {input_size} px are upsampled (blurry): "
+            + "; ".join(faults)
+            + ". Tile with a larger tile_size_um, or use a model with a smaller input_size."
+        )
+        if action == "raise":
+            raise ValueError(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+        logger.warning(message)
+    return libraries
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _check_tile_args(
+    tile_size_um: float,
+    mpp: float | None,
+    tissue_threshold: float,
+    stride_um: float | None,
+    min_saturation: float,
+    thumbnail_size: int,
+) -> None:
+    def positive(value: Any) -> bool:
+        return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+    if not positive(tile_size_um):
+        raise ValueError(f"tile_size_um must be a positive number; got {tile_size_um!r}.")
+    if mpp is not None and not positive(mpp):
+        raise ValueError(f"mpp must be a positive number of microns per pixel; got {mpp!r}.")
+    if stride_um is not None and not positive(stride_um):
+        raise ValueError(f"stride_um must be a positive number; got {stride_um!r}.")
+    if not (isinstance(tissue_threshold, int | float) and 0.0 <= tissue_threshold <= 1.0):
+        raise ValueError(f"tissue_threshold must be in [0, 1]; got {tissue_threshold!r}.")
+    if not (isinstance(min_saturation, int | float) and 0.0 <= min_saturation < 1.0):
+        raise ValueError(f"min_saturation must be in [0, 1); got {min_saturation!r}.")
+    if not (isinstance(thumbnail_size, int) and thumbnail_size >= 8):
+        raise ValueError(f"thumbnail_size must be an int of at least 8; got {thumbnail_size!r}.")
+
+
+def _mask_scale(reader: ImageReader, side: int, level: int | None, mask_mpp: float) -> float:
+    """Mask pixels per full-resolution pixel."""
+    height, width = reader.shape
+    if level is not None:
+        return 1.0 / reader.level_downsamples[level]
+    scale = max(float(reader.mpp) / mask_mpp, _MASK_MIN_TILE_PX / side)
+    return min(1.0, scale, _MASK_MAX_SIDE / max(height, width))
+
+
+def _scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """``(width, height)`` of an image of ``shape`` (height, width) scaled by ``scale``."""
+    return max(1, int(round(shape[1] * scale))), max(1, int(round(shape[0] * scale)))
+
+
+def _grid(
+    height: int, width: int, side: int, stride: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Grid rows, columns and top-left corners of the tiles that lie inside the slide."""
+    xs = np.arange(0, width - side + 1, stride, dtype=np.int64)
+    ys = np.arange(0, height - side + 1, stride, dtype=np.int64)
+    rows, cols = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    return rows, cols, xs[cols], ys[rows]
+
+
+def _tile_fractions(
+    mask: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """Fraction of each tile's box that is tissue, from a summed-area table of the mask."""
+    mh, mw = mask.shape
+    sy, sx = mh / shape[0], mw / shape[1]
+    table = np.zeros((mh + 1, mw + 1), dtype=np.int64)
+    table[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+
+    def bounds(start: np.ndarray, scale: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.clip(np.round(start * scale).astype(np.int64), 0, size - 1)
+        hi = np.clip(np.round((start + side) * scale).astype(np.int64), lo + 1, size)
+        return lo, hi
+
+    c0, c1 = bounds(x0, sx, mw)
+    r0, r1 = bounds(y0, sy, mh)
+    inside = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+    return inside / ((r1 - r0) * (c1 - c0))
+
+
+def _resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if (image.shape[1], image.shape[0]) == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+
+
+def _shrink_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` area-averaged down to ``size`` (width, height); returned as is if it fits."""
+    if image.shape[1] <= size[0] and image.shape[0] <= size[1]:
+        return np.ascontiguousarray(image)
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))

@@ -1,0 +1,546 @@
+"""Slide-level features: embedding whole-slide images tile by tile, and pooling tiles per slide.
+
+:func:`embed_slides` tiles and embeds a cohort slide by slide, one ``.h5ad`` per slide written
+atomically, so that an interrupted run resumes where it stopped; :func:`slide_features` pools the
+tile embeddings of each slide (mean) or keeps them as bags for attention-based multiple-instance
+learning (:class:`~rankbygene.tl.SlideClassifier`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from rankbygene import __version__
+from rankbygene._constants import IMAGE_EMBEDDING_KEY, SPATIAL_KEY, UNS_KEY
+from rankbygene._layout import spot_libraries
+from rankbygene._logging import logger
+
+if TYPE_CHECKING:
+    from rankbygene.model import RankByGene
+
+__all__ = ["CrossValidationResult", "embed_slides", "slide_features"]
+
+SlideInput = (
+    AnnData | Sequence[AnnData] | Mapping[str, AnnData] | pd.DataFrame | pd.Series | str | Path
+)
+Bags = dict[str, np.ndarray]
+
+_SUFFIX = ".h5ad"
+
+
+@dataclass
+class CrossValidationResult:
+    """Cross-validated slide-level model: per-fold scores, their summary, out-of-fold predictions.
+
+    Attributes
+    ----------
+    folds
+        One row per fold: ``fold``, ``n_train``, ``n_test`` and the metric(s).
+    summary
+        One row per metric: ``mean`` and ``std`` over folds, and ``pooled`` (the metric of all
+        out-of-fold predictions together).
+    predictions
+        One row per slide (index: slide id): its ``fold`` and out-of-fold prediction, with the
+        targets.
+    model
+        The model refitted on all slides (``None`` with ``refit=False``).
+    """
+
+    folds: pd.DataFrame
+    summary: pd.DataFrame
+    predictions: pd.DataFrame
+    model: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        metrics = ", ".join(
+            f"{name} {row['mean']:.3f} ± {row['std']:.3f}" for name, row in self.summary.iterrows()
+        )
+        n_folds, n_slides = len(self.folds), len(self.predictions)
+        return f"CrossValidationResult({n_folds} folds, {n_slides} slides: {metrics})"
+
+
+# ------------------------------------------------------------------------------ embedding
+
+
+def embed_slides(
+    model: RankByGene,
+    paths: Sequence[str | Path] | Mapping[str, str | Path] | pd.Series,
+    out_dir: str | Path,
+    tile_size_um: float = 112.0,
+    mpp: float | None = None,
+    kind: Literal["embedding", "backbone"] = "embedding",
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    **tile_kwargs: Any,
+) -> pd.DataFrame:
+    """Tile and embed each slide of a cohort, one ``.h5ad`` per slide; resumable.
+
+    For each slide: :func:`rankbygene.pp.tile_slide`, then
+    :meth:`RankByGene.get_image_representation` of the tiles, written to
+    ``out_dir/<slide_id>.h5ad`` (the tiles' AnnData with ``obsm["X_rankbygene"]`` and
+    ``uns["rankbygene"]``) through a temporary file renamed when complete. Slides whose file
+    exists, written with the same model and settings from the same slide file (size and
+    modification time), are skipped: an interrupted run resumes without redoing finished slides.
+    Every slide is opened and its microns per pixel checked before any work starts.
+
+    Parameters
+    ----------
+    model
+        A trained image model (not one on precomputed features).
+    paths
+        Slide files; slide ids are the file names without extension, or the keys/index of a
+        mapping/Series (e.g. ``cohort["path"]`` of :func:`~rankbygene.datasets.synthetic_cohort`).
+    out_dir
+        Folder of the per-slide files (created if needed).
+    tile_size_um, mpp
+        Tile side in microns; microns per pixel overriding the files' (for every slide).
+    kind
+        ``"embedding"`` (projected, L2-normalised) or ``"backbone"`` features.
+    batch_size, num_workers
+        Of the embedding DataLoader (``num_workers`` processes read tiles in parallel).
+    overwrite
+        Redo slides already done (also those done with other settings, which otherwise raise).
+    progress
+        Progress bars (default: a bar over slides, and one per slide of more than 10 batches).
+    **tile_kwargs
+        Passed to :func:`~rankbygene.pp.tile_slide` (``tissue_threshold``, ``level``, ...).
+
+    Returns
+    -------
+    DataFrame indexed by ``slide_id``: ``path``, ``output`` (the ``.h5ad``), ``n_tiles`` and
+    ``status`` (``"embedded"`` or ``"skipped"``). Pass it to :func:`slide_features`.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Before any slide is embedded: a slide is missing or cannot be opened, has no microns
+        per pixel (and ``mpp`` is not given), two slides share an id, or a finished file was
+        written with other settings (without ``overwrite``).
+
+    Examples
+    --------
+    >>> import rankbygene as rbg
+    >>> cohort = rbg.datasets.synthetic_cohort("cohort/", n_slides=40)  # doctest: +SKIP
+    >>> done = rbg.tl.embed_slides(model, cohort["path"], "features/")  # doctest: +SKIP
+    >>> features = rbg.tl.slide_features(done)  # mean over tiles  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    from rankbygene.pp._tile import open_slide, tile_slide
+
+    if model.features_key is not None:
+        raise ValueError(
+            "This model embeds precomputed features (features_key="
+            f"{model.features_key!r}), not pixels: it cannot embed whole-slide images."
+        )
+    if kind not in ("embedding", "backbone"):
+        raise ValueError(f"kind must be 'embedding' or 'backbone'; got {kind!r}.")
+    slides = _slide_paths(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "model": _model_fingerprint(model),
+        "kind": kind,
+        "tile_size_um": float(tile_size_um),
+        "mpp": None if mpp is None else float(mpp),
+        "tile_kwargs": {key: _plain(value) for key, value in sorted(tile_kwargs.items())},
+    }
+    fingerprint = json.dumps(settings, sort_keys=True)
+
+    # Everything that can fail cheaply fails here, before the first slide is embedded.
+    status: dict[str, str] = {}
+    n_tiles: dict[str, int] = {}
+    mismatched = []
+    for slide_id, path in slides.items():
+        output = out_dir / f"{slide_id}{_SUFFIX}"
+        if output.is_file() and not overwrite:
+            found = _read_done(output)
+            if found is None:
+                logger.warning(f"{output} is unreadable: slide {slide_id!r} is embedded again.")
+            elif found[0] != fingerprint:
+                mismatched.append(f"{output} ({_differences(found[0], settings)})")
+                continue
+            elif found[2] != _file_stamp(path):
+                logger.info(f"{path} changed since {output} was written: embedded again.")
+            else:
+                status[slide_id], n_tiles[slide_id] = "skipped", found[1]
+                continue
+        with open_slide(path, mpp=mpp, backend=tile_kwargs.get("backend", "auto")) as reader:
+            side = tile_size_um / reader.mpp * model.patch_scale
+            if side < model.input_size:
+                message = (
+                    f"Slide {path}: tiles of {tile_size_um} um span {side:.0f} px at "
+                    f"{reader.mpp:g} um/px, fewer than the encoder's input of {model.input_size} "
+                    "px: they are upsampled (blurry). Use a larger tile_size_um, or a model with "
+                    "a smaller input_size."
+                )
+                warnings.warn(message, UserWarning, stacklevel=2)
+        status[slide_id] = "pending"
+    if mismatched:
+        raise ValueError(
+            f"{len(mismatched)} slides in {out_dir} were embedded with other settings: "
+            + "; ".join(mismatched[:5])
+            + ". Pass overwrite=True to redo them, or use another out_dir."
+        )
+    todo = [slide_id for slide_id, state in status.items() if state == "pending"]
+    if len(todo) < len(slides):
+        logger.info(f"{len(slides) - len(todo)} of {len(slides)} slides already embedded")
+    show = len(todo) > 1 if progress is None else progress
+    for slide_id in tqdm(todo, desc="Slides", unit="slide", disable=not show):
+        path = slides[slide_id]
+        tiles = tile_slide(
+            path, tile_size_um=tile_size_um, mpp=mpp, library_id=slide_id, **tile_kwargs
+        )
+        tiles.obsm[IMAGE_EMBEDDING_KEY] = model.get_image_representation(
+            tiles,
+            kind=kind,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        tiles.uns[UNS_KEY] = {
+            "fingerprint": fingerprint,
+            "version": __version__,
+            "kind": kind,
+            "source_image_path": str(Path(path).resolve()),
+            "source_stamp": _file_stamp(path),
+        }
+        output = out_dir / f"{slide_id}{_SUFFIX}"
+        _write_atomic(tiles, output)
+        status[slide_id], n_tiles[slide_id] = "embedded", tiles.n_obs
+        logger.info(f"wrote {output}: {tiles.n_obs} tiles of slide {slide_id!r}")
+    return pd.DataFrame(
+        {
+            "path": [str(slides[s]) for s in slides],
+            "output": [str(out_dir / f"{s}{_SUFFIX}") for s in slides],
+            "n_tiles": [n_tiles[s] for s in slides],
+            "status": [status[s] for s in slides],
+        },
+        index=pd.Index(list(slides), name="slide_id"),
+    )
+
+
+def _slide_paths(
+    paths: Sequence[str | Path] | Mapping[str, str | Path] | pd.Series,
+) -> dict[str, Path]:
+    if isinstance(paths, str | Path):
+        raise TypeError("paths must be a list of slide files (or a mapping of id to file).")
+    if isinstance(paths, pd.Series | Mapping):
+        items = [(str(key), Path(value)) for key, value in paths.items()]
+    else:
+        from rankbygene.pp._tile import slide_id
+
+        items = [(slide_id(p), Path(p)) for p in paths]
+    if not items:
+        raise ValueError("paths is empty: no slide to embed.")
+    seen: dict[str, Path] = {}
+    for slide_id, path in items:
+        if slide_id in seen:
+            raise ValueError(
+                f"Two slides have the id {slide_id!r} ({seen[slide_id]} and {path}): pass a "
+                "mapping of unique ids to files."
+            )
+        seen[slide_id] = path
+    return seen
+
+
+def _model_fingerprint(model: RankByGene) -> dict[str, Any]:
+    """What determines the features: the teacher's weights and the patch geometry."""
+    h = hashlib.blake2b(digest_size=12)
+    module = model.module
+    for part in (module.teacher_backbone, module.teacher_head):
+        for name, tensor in part.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return {
+        "weights": h.hexdigest(),
+        "input_size": int(model.input_size),
+        "patch_scale": float(model.patch_scale),
+        "image_key": model.image_key,
+    }
+
+
+def _file_stamp(path: str | Path) -> str:
+    """Size and modification time of a slide file: a slide rewritten since is embedded again."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _read_done(path: Path) -> tuple[str, int, str] | None:
+    """Fingerprint, tile count and slide stamp of a finished file; ``None`` when unreadable."""
+    import h5py
+
+    def text(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    try:
+        with h5py.File(path, "r") as f:
+            fingerprint = text(f[f"uns/{UNS_KEY}/fingerprint"][()])
+            stamp = text(f[f"uns/{UNS_KEY}/source_stamp"][()])
+            n = int(f[f"obsm/{IMAGE_EMBEDDING_KEY}"].shape[0])
+    except (OSError, KeyError):
+        return None
+    return fingerprint, n, stamp
+
+
+def _differences(found: str, expected: dict[str, Any]) -> str:
+    try:
+        old = json.loads(found)
+    except json.JSONDecodeError:
+        return "unknown settings"
+    keys = [k for k in expected if old.get(k) != json.loads(json.dumps(expected[k]))]
+    return "different " + ", ".join(keys) if keys else "different settings"
+
+
+def _write_atomic(adata: AnnData, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial.h5ad")
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# ------------------------------------------------------------------------------ pooling
+
+
+def slide_features(
+    data: SlideInput,
+    library_key: str | None = None,
+    use_rep: str = IMAGE_EMBEDDING_KEY,
+    method: Literal["mean", "attention"] = "mean",
+) -> pd.DataFrame | Bags:
+    """Slide-level features from tile (or spot) embeddings.
+
+    Parameters
+    ----------
+    data
+        Tiles of one or several slides: an AnnData (slides told apart by ``obs[library_key]``),
+        a list of AnnData (one slide each; ids from their ``uns["spatial"]`` library), a
+        mapping of slide id to AnnData, the DataFrame returned by :func:`embed_slides` or the
+        folder it wrote (files are read without their images).
+    library_key
+        ``obs`` column of the slide of each tile, for an AnnData holding several slides.
+    use_rep
+        ``obsm`` key of the tile embeddings.
+    method
+        ``"mean"``: the mean embedding of each slide's tiles; ``"attention"``: each slide's tile
+        embeddings as a bag, for :class:`~rankbygene.tl.SlideClassifier` (``method="abmil"``),
+        which learns the attention pooling from the labels.
+
+    Returns
+    -------
+    ``"mean"``: DataFrame of slides x features (index: slide id, columns ``<use_rep>_<j>``);
+    ``"attention"``: dict of slide id to its ``(n_tiles, n_features)`` float32 array.
+
+    Examples
+    --------
+    >>> import rankbygene as rbg
+    >>> adata.obsm["X_rankbygene"] = model.get_image_representation(adata)  # doctest: +SKIP
+    >>> features = rbg.tl.slide_features(adata, library_key="library_id")  # doctest: +SKIP
+    >>> bags = rbg.tl.slide_features(adata, "library_id", method="attention")  # doctest: +SKIP
+    """
+    if method not in ("mean", "attention"):
+        raise ValueError(f"method must be 'mean' or 'attention'; got {method!r}.")
+    bags = _collect_bags(data, library_key, use_rep)
+    if method == "attention":
+        return bags
+    return mean_pool(bags, prefix=use_rep)
+
+
+def mean_pool(bags: Bags, prefix: str = "feature") -> pd.DataFrame:
+    """Mean of each bag's rows, as a slides x features DataFrame."""
+    ids = list(bags)
+    matrix = np.stack([bags[s].mean(axis=0) for s in ids]).astype(np.float64)
+    columns = [f"{prefix}_{j}" for j in range(matrix.shape[1])]
+    return pd.DataFrame(matrix, index=pd.Index(ids, name="slide_id"), columns=columns)
+
+
+def _collect_bags(data: SlideInput, library_key: str | None, use_rep: str) -> Bags:
+    if isinstance(data, AnnData):
+        bags = _bags_of_anndata(data, library_key, use_rep, None)
+    elif isinstance(data, pd.DataFrame):
+        if "output" not in data.columns:
+            raise ValueError(
+                "A DataFrame passed as data must be the result of embed_slides (an 'output' "
+                f"column of .h5ad files); got columns {list(data.columns)}."
+            )
+        bags = {str(s): _read_rep(Path(p), use_rep) for s, p in data["output"].items()}
+    elif isinstance(data, str | Path):
+        folder = Path(data)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Folder of embedded slides not found: {folder}")
+        files = sorted(folder.glob(f"*{_SUFFIX}"))
+        files = [f for f in files if not f.name.startswith(".")]
+        if not files:
+            raise FileNotFoundError(f"No {_SUFFIX} file in {folder}: run embed_slides first.")
+        bags = {f.name[: -len(_SUFFIX)]: _read_rep(f, use_rep) for f in files}
+    elif isinstance(data, Mapping):
+        bags = {}
+        for slide_id, adata in data.items():
+            bags.update(_bags_of_anndata(adata, None, use_rep, str(slide_id)))
+    elif isinstance(data, Sequence):
+        bags = {}
+        for adata in data:
+            if not isinstance(adata, AnnData):
+                raise TypeError(f"data must hold AnnData objects; got {type(adata).__name__}.")
+            for slide_id, bag in _bags_of_anndata(adata, library_key, use_rep, None).items():
+                if slide_id in bags:
+                    raise ValueError(f"Slide {slide_id!r} appears in two AnnData objects.")
+                bags[slide_id] = bag
+    else:
+        raise TypeError(
+            "data must be an AnnData, a list or dict of AnnData, the DataFrame of embed_slides "
+            f"or its folder; got {type(data).__name__}."
+        )
+    if not bags:
+        raise ValueError("No slide found in data.")
+    dims = {bag.shape[1] for bag in bags.values()}
+    if len(dims) > 1:
+        raise ValueError(
+            f"Slides have embeddings of different sizes {sorted(dims)} in {use_rep!r}."
+        )
+    return bags
+
+
+def _bags_of_anndata(
+    adata: AnnData, library_key: str | None, use_rep: str, slide_id: str | None
+) -> Bags:
+    where = (
+        f"adata.obsm[{use_rep!r}]" if slide_id is None else f"slide {slide_id!r}: obsm[{use_rep!r}]"
+    )
+    if use_rep not in adata.obsm:
+        raise KeyError(
+            f"{where} is missing (obsm keys: {list(adata.obsm.keys())}); store the tile "
+            "embeddings there, e.g. adata.obsm['X_rankbygene'] = "
+            "model.get_image_representation(adata)."
+        )
+    matrix = np.asarray(adata.obsm[use_rep], dtype=np.float32)
+    if slide_id is not None:
+        return {slide_id: _check_bag(matrix, where)}
+    if library_key is None and len(adata.uns.get(SPATIAL_KEY, {}) or {}) > 1:
+        raise ValueError(
+            f"adata holds {len(adata.uns[SPATIAL_KEY])} libraries: pass library_key, the obs "
+            "column of each tile's slide."
+        )
+    libraries = spot_libraries(adata, library_key)
+    return {
+        str(lib): _check_bag(matrix[libraries == lib], f"{where} of slide {lib!r}")
+        for lib in dict.fromkeys(libraries)
+    }
+
+
+def _read_rep(path: Path, use_rep: str) -> np.ndarray:
+    import h5py
+
+    if not path.is_file():
+        raise FileNotFoundError(f"Embedded slide not found: {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            if f"obsm/{use_rep}" not in f:
+                keys = list(f["obsm"].keys()) if "obsm" in f else []
+                raise KeyError(f"{path} has no obsm[{use_rep!r}] (obsm keys: {keys}).")
+            matrix = np.asarray(f[f"obsm/{use_rep}"][()], dtype=np.float32)
+    except OSError as err:
+        raise ValueError(f"Could not read {path}: {err}") from err
+    return _check_bag(matrix, f"{path} obsm[{use_rep!r}]")
+
+
+def _check_bag(matrix: np.ndarray, where: str) -> np.ndarray:
+    if matrix.ndim != 2 or matrix.shape[0] == 0:
+        raise ValueError(
+            f"{where} must be a non-empty (n_tiles, n_features) array; got {matrix.shape}."
+        )
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{where} has NaN or infinite values.")
+    return matrix
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def as_table(
+    features: pd.DataFrame | np.ndarray | Bags | Sequence[np.ndarray],
+) -> tuple[list[str], np.ndarray | None, Bags | None]:
+    """Slide ids and either a ``(n_slides, d)`` matrix or bags, from any accepted input."""
+    if isinstance(features, pd.DataFrame):
+        matrix = features.to_numpy(dtype=np.float64)
+        ids = [str(i) for i in features.index]
+        bags = None
+    elif isinstance(features, Mapping):
+        bags = {str(k): np.asarray(v, dtype=np.float32) for k, v in features.items()}
+        ids, matrix = list(bags), None
+    elif isinstance(features, np.ndarray) and features.dtype != object and features.ndim == 2:
+        matrix = np.asarray(features, dtype=np.float64)
+        ids = [str(i) for i in range(len(matrix))]
+        bags = None
+    elif isinstance(features, Sequence | np.ndarray):
+        bags = {str(i): np.asarray(v, dtype=np.float32) for i, v in enumerate(features)}
+        ids, matrix = list(bags), None
+    else:
+        raise TypeError(
+            "features must be a slides x features DataFrame or array, or bags (a dict or list of "
+            f"(n_tiles, d) arrays); got {type(features).__name__}."
+        )
+    if matrix is not None:
+        if matrix.ndim != 2 or matrix.shape[0] == 0:
+            raise ValueError(f"features must be a non-empty 2-D table; got shape {matrix.shape}.")
+        if not np.isfinite(matrix).all():
+            raise ValueError("features have NaN or infinite values.")
+    else:
+        for slide_id, bag in bags.items():
+            _check_bag(bag, f"bag of slide {slide_id!r}")
+        if len({b.shape[1] for b in bags.values()}) > 1:
+            raise ValueError("bags have different numbers of features.")
+    if len(set(ids)) != len(ids):
+        raise ValueError("Slide ids of features are not unique.")
+    return ids, matrix, bags
+
+
+def align(target: Any, ids: list[str], name: str) -> np.ndarray:
+    """``target`` per slide, in the order of ``ids`` (by index for a Series, else by position)."""
+    if isinstance(target, pd.Series | Mapping):
+        series = pd.Series(target) if isinstance(target, Mapping) else target
+        series = series.copy()
+        series.index = series.index.astype(str)
+        missing = [s for s in ids if s not in series.index]
+        if missing:
+            raise KeyError(
+                f"{name} has no value for {len(missing)} slides (e.g. {missing[:3]}); its index "
+                "must hold the slide ids of features."
+            )
+        return series.loc[ids].to_numpy()
+    values = np.asarray(target)
+    if values.ndim != 1 or len(values) != len(ids):
+        raise ValueError(
+            f"{name} must have one value per slide ({len(ids)}); got shape {values.shape}."
+        )
+    return values
