@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,9 @@ import pytest
 import tifffile
 from PIL import Image
 
+from rankbygene.datasets._cohort import write_pyramidal_tiff
 from rankbygene.io import ArrayImage, PILImage, TiffImage, open_image
+from rankbygene.io._image import as_rgb_uint8
 
 
 def _smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -291,3 +297,361 @@ def test_unknown_backend(tmp_path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path)
     with pytest.raises(ValueError, match="backend"):
         open_image(path, backend="vips")  # type: ignore[arg-type]
+
+
+# --- tifffile: the chunk reader -----------------------------------------------------------
+# TiffImage decodes only the tiles or strips a region overlaps and caches them; every read must
+# give the pixels tifffile's zarr store gives (the reader it replaced), and the source's pixels
+# where the compression is lossless.
+
+
+def _zarr_only(reader: TiffImage) -> TiffImage:
+    """The same file read through tifffile's zarr store only (the reader before the cache)."""
+    reader._grids = [None] * len(reader._grids)
+    return reader
+
+
+def _random_boxes(height: int, width: int, n: int, seed: int) -> list[tuple[int, int, int, int]]:
+    """Random boxes, some across or beyond the edges, plus corners, edges and the whole image."""
+    rng = np.random.default_rng(seed)
+    boxes = []
+    for _ in range(n):
+        x, y = int(rng.integers(-40, width + 10)), int(rng.integers(-40, height + 10))
+        w, h = (int(v) for v in rng.integers(1, 120, size=2))
+        boxes.append((x, y, w, h))
+    boxes += [
+        (0, 0, 1, 1),
+        (width - 1, height - 1, 1, 1),
+        (width - 5, height - 7, 30, 30),  # bottom-right corner, mostly outside
+        (-10, -12, 25, 20),  # top-left corner, mostly outside
+        (0, height - 3, width, 9),  # the last rows, the last strip
+        (width + 5, 0, 10, 10),  # entirely outside
+        (0, 0, width, height),
+    ]
+    return boxes
+
+
+def _assert_reads_like_zarr(path: Path, source: np.ndarray | None, seed: int = 0) -> TiffImage:
+    """Random regions equal the zarr store's (and ``source``'s, if lossless) at full resolution."""
+    reader = TiffImage(path)
+    old = _zarr_only(TiffImage(path))
+    truth = None if source is None else open_image(source)
+    height, width = reader.shape
+    for x, y, w, h in _random_boxes(height, width, 40, seed):
+        region = reader.read_region(x, y, w, h)
+        np.testing.assert_array_equal(region, old.read_region(x, y, w, h), err_msg=f"{x, y, w, h}")
+        if truth is not None:
+            np.testing.assert_array_equal(region, truth.read_region(x, y, w, h))
+    assert reader.cache_info().misses > 0  # the chunk reader read them ...
+    assert all(grid is not None for grid in reader._grids)  # ... and never fell back
+    old.close()
+    return reader
+
+
+def _rgba(image: np.ndarray) -> np.ndarray:
+    alpha = np.arange(image.shape[0] * image.shape[1], dtype=np.uint8).reshape(image.shape[:2])
+    return np.dstack([image, alpha])
+
+
+# name: (channels, tifffile.imwrite options, lossless)
+_LAYOUTS = {
+    "tiled jpeg (YCbCr 4:2:0, as SVS)": ("rgb", {"tile": (32, 48), "compression": "jpeg"}, False),
+    "tiled jpeg 4:4:4": (
+        "rgb",
+        {"tile": (32, 32), "compression": "jpeg", "subsampling": (1, 1)},
+        False,
+    ),
+    "tiled deflate": ("rgb", {"tile": (32, 48), "compression": "zlib"}, True),
+    "tiled deflate + predictor": (
+        "rgb",
+        {"tile": (16, 32), "compression": "zlib", "predictor": True},
+        True,
+    ),
+    "tiled lzw": ("rgb", {"tile": (32, 32), "compression": "lzw"}, True),
+    "tiled uncompressed": ("rgb", {"tile": (16, 16)}, True),
+    "strips uncompressed": ("rgb", {"rowsperstrip": 7}, True),
+    "strips deflate": ("rgb", {"rowsperstrip": 13, "compression": "zlib"}, True),
+    "strips jpeg": ("rgb", {"rowsperstrip": 16, "compression": "jpeg"}, False),
+    "one strip": ("rgb", {"rowsperstrip": 10_000, "compression": "zlib"}, True),
+    "rgba tiled deflate": ("rgba", {"tile": (32, 32), "compression": "zlib"}, True),
+    "rgba strips uncompressed": ("rgba", {"rowsperstrip": 9}, True),
+    "grey tiled jpeg": ("grey", {"tile": (32, 32), "compression": "jpeg"}, False),
+    "grey tiled deflate": ("grey", {"tile": (32, 32), "compression": "zlib"}, True),
+    "grey strips lzw": ("grey", {"rowsperstrip": 11, "compression": "lzw"}, True),
+}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_tiff_chunk_reader_equals_zarr_store(tmp_path: Path, layout: str) -> None:
+    channels, options, lossless = _LAYOUTS[layout]
+    # odd sizes: the last row and column of tiles, and the last strip, are partial
+    image = _smooth_image(203, 245, seed=7)
+    if channels == "rgba":
+        image = _rgba(image)
+    elif channels == "grey":
+        image = image[..., 1]
+    photometric = "minisblack" if channels == "grey" else "rgb"
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image, photometric=photometric, metadata=None, **options)
+    reader = _assert_reads_like_zarr(path, image if lossless else None)
+    if not lossless:  # still the image, not just the same wrong pixels
+        region = reader.read_region(0, 0, 245, 203).astype(float)
+        assert np.abs(region - as_rgb_uint8(image)).mean() < 4
+    reader.close()
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+def test_tiff_chunk_reader_pyramid_levels(tmp_path: Path, compression: str) -> None:
+    image = _smooth_image(700, 900, seed=8)
+    path = write_pyramidal_tiff(
+        tmp_path / "slide.tif", image, mpp=0.5, tile=64, min_side=200, compression=compression
+    )
+    reader = _assert_reads_like_zarr(path, image if compression == "zlib" else None)
+    old = _zarr_only(TiffImage(path))
+    assert len(reader.level_downsamples) == 4
+    assert reader._level_shape(3) == old._level_shape(3) == (87, 112)
+    rng = np.random.default_rng(1)
+    # every level directly, boxes inside it (as read_region asks)
+    for level in range(4):
+        height, width = reader._level_shape(level)
+        for _ in range(15):
+            x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+            w, h = int(rng.integers(1, width - x + 1)), int(rng.integers(1, height - y + 1))
+            np.testing.assert_array_equal(
+                reader._read_level(level, x, y, w, h), old._read_level(level, x, y, w, h)
+            )
+    # downsampled reads pick the same level and resize the same pixels
+    for _ in range(20):
+        x, y = int(rng.integers(-100, 900)), int(rng.integers(-100, 700))
+        side = int(rng.integers(16, 800))
+        out = int(rng.integers(8, 64))
+        np.testing.assert_array_equal(
+            reader.read_region(x, y, side, side, out_size=out),
+            old.read_region(x, y, side, side, out_size=out),
+        )
+    np.testing.assert_array_equal(reader.thumbnail(150)[0], old.thumbnail(150)[0])
+    assert all(grid is not None for grid in reader._grids)
+
+
+def _split_jpeg_tables(stream: bytes) -> tuple[bytes, bytes]:
+    """A JPEG stream as (tables, abbreviated stream): its DQT and DHT segments moved out."""
+    pos, tables, rest = 2, [], []
+    while True:
+        marker = stream[pos : pos + 2]
+        length = int.from_bytes(stream[pos + 2 : pos + 4], "big")
+        (tables if marker in (b"\xff\xdb", b"\xff\xc4") else rest).append(
+            stream[pos : pos + 2 + length]
+        )
+        pos += 2 + length
+        if marker == b"\xff\xda":  # start of scan: entropy-coded data to the end
+            rest.append(stream[pos:])
+            break
+    return b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", b"\xff\xd8" + b"".join(rest)
+
+
+def test_tiff_chunk_reader_svs_jpeg_tables(tmp_path: Path) -> None:
+    # Aperio SVS: the quantisation and Huffman tables are in the page's JPEGTables tag, each tile
+    # an abbreviated JPEG stream without them
+    image = _smooth_image(200, 240, seed=9)
+    tile = 64
+    segments, tables = [], set()
+    for y in range(0, 200, tile):
+        for x in range(0, 240, tile):
+            block = np.zeros((tile, tile, 3), dtype=np.uint8)
+            part = image[y : y + tile, x : x + tile]
+            block[: part.shape[0], : part.shape[1]] = part
+            buffer = io.BytesIO()
+            Image.fromarray(block).save(buffer, "JPEG", quality=90, subsampling=0)
+            table, segment = _split_jpeg_tables(buffer.getvalue())
+            tables.add(table)
+            segments.append(segment)
+    assert len(tables) == 1
+    path = tmp_path / "slide.svs"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(
+            iter(segments),
+            shape=(200, 240, 3),
+            dtype=np.uint8,
+            tile=(tile, tile),
+            compression="jpeg",
+            photometric="ycbcr",
+            subsampling=(1, 1),
+            jpegtables=tables.pop(),
+            description="Aperio Image Library v12.0.15\r\n240x200 (64x64) JPEG/RGB|MPP = 0.25",
+            metadata=None,
+        )
+    reader = _assert_reads_like_zarr(path, None)
+    assert reader._tif.pages[0].jpegtables is not None
+    assert reader.mpp == pytest.approx(0.25)
+    assert np.abs(reader.read_region(0, 0, 240, 200).astype(float) - image).mean() < 3
+
+
+@pytest.mark.parametrize("kind", ["planar separate", "uint16"])
+def test_tiff_unusual_pages_read_through_zarr(tmp_path: Path, kind: str) -> None:
+    source = _smooth_image(60, 70, seed=2)
+    path = tmp_path / "odd.tif"
+    if kind == "planar separate":  # colour planes one after the other: (S, Y, X) in the file
+        planes = np.moveaxis(source, -1, 0)
+        tifffile.imwrite(path, planes, photometric="rgb", planarconfig="separate", tile=(16, 16))
+    else:
+        source = source.astype(np.uint16) * 257
+        tifffile.imwrite(path, source, photometric="rgb", tile=(16, 16))
+    reader = TiffImage(path)
+    assert reader._grids == [None]  # left to tifffile's zarr store
+    truth = open_image(source)
+    for x, y, w, h in _random_boxes(60, 70, 10, seed=3):
+        np.testing.assert_array_equal(reader.read_region(x, y, w, h), truth.read_region(x, y, w, h))
+    assert reader.cache_info().misses == 0
+
+
+def test_tiff_chunk_reader_failure_falls_back_to_zarr(
+    tmp_path: Path, image: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image, photometric="rgb", tile=(32, 32), compression="zlib")
+    reader = TiffImage(path)
+    grid = reader._grids[0]
+
+    def broken(data: bytes | None, index: int) -> np.ndarray:
+        raise RuntimeError("decoder says no")
+
+    monkeypatch.setattr(grid, "decode", broken)
+    np.testing.assert_array_equal(reader.read_region(10, 20, 50, 40), image[20:60, 10:60])
+    assert reader._grids[0] is None  # the store read it: that level stays with the store
+    np.testing.assert_array_equal(reader.read_region(100, 0, 30, 30), image[0:30, 100:130])
+
+
+def test_tiff_corrupt_chunk_raises_and_keeps_the_chunk_reader(tmp_path: Path) -> None:
+    image = _smooth_image(64, 64, seed=4)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, image, photometric="rgb", tile=(32, 32), compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 16] = b"\x00" * 16  # the first tile is no longer a zlib stream
+    path.write_bytes(bytes(data))
+    reader = TiffImage(path)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the store raises, as before
+        reader.read_region(0, 0, 10, 10)
+    assert reader._grids[0] is not None  # the file is at fault, not the chunk reader
+    np.testing.assert_array_equal(reader.read_region(40, 40, 20, 20), image[40:60, 40:60])
+
+
+# --- tifffile: the decoded-chunk cache ------------------------------------------------------
+
+
+@pytest.fixture
+def tiled(tmp_path: Path, image: np.ndarray) -> Path:
+    """200 x 240 RGB in 32 px deflate tiles: 7 rows of 8, 3,072 bytes each decoded."""
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(path, image, photometric="rgb", tile=(32, 32), compression="zlib")
+    return path
+
+
+def test_tiff_cache_hits_on_repeated_reads(tiled: Path, image: np.ndarray) -> None:
+    reader = TiffImage(tiled)
+    assert reader.cache_info() == (0, 0, 0, 64 * 2**20, 0)
+    np.testing.assert_array_equal(reader.read_region(10, 20, 40, 30), image[20:50, 10:50])
+    assert reader.cache_info()[:3] == (0, 4, 4 * 3072)  # tiles (0, 0), (0, 1), (1, 0), (1, 1)
+    np.testing.assert_array_equal(reader.read_region(10, 20, 40, 30), image[20:50, 10:50])
+    assert reader.cache_info()[:2] == (4, 4)  # decoded once
+    # the next tile along shares its left tiles with the last one
+    np.testing.assert_array_equal(reader.read_region(50, 20, 40, 30), image[20:50, 50:90])
+    assert reader.cache_info()[:2] == (6, 6)
+    reader.close()
+    assert reader.cache_info().n_chunks == 0
+
+
+def test_tiff_cache_is_bounded(tiled: Path, image: np.ndarray) -> None:
+    reader = TiffImage(tiled, cache_bytes=10 * 3072 + 100)  # room for ten tiles
+    truth = open_image(image)
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        x, y = int(rng.integers(-20, 240)), int(rng.integers(-20, 200))
+        w, h = (int(v) for v in rng.integers(1, 33, size=2))  # at most 2 x 2 tiles
+        np.testing.assert_array_equal(reader.read_region(x, y, w, h), truth.read_region(x, y, w, h))
+        info = reader.cache_info()
+        assert info.nbytes <= info.max_bytes
+        assert info.n_chunks <= 10
+    info = reader.cache_info()
+    assert info.misses > 56  # tiles were evicted and decoded again ...
+    assert info.hits > 0  # ... and neighbours still found theirs
+    assert info.n_chunks == 10  # full, never over
+
+
+def test_tiff_large_reads_do_not_flush_the_cache(tiled: Path, image: np.ndarray) -> None:
+    reader = TiffImage(tiled, cache_bytes=10 * 3072)
+    reader.read_region(0, 0, 40, 40)
+    assert reader.cache_info().n_chunks == 4
+    # 56 tiles, more than half the cache: decoded, pasted, not kept
+    np.testing.assert_array_equal(reader.read_region(0, 0, 240, 200), image)
+    info = reader.cache_info()
+    assert info.n_chunks == 4
+    assert info.hits == 4  # what was cached was used
+    reader.read_region(0, 0, 40, 40)
+    assert reader.cache_info().hits == 8
+
+
+def test_tiff_cache_disabled(tiled: Path, image: np.ndarray) -> None:
+    reader = TiffImage(tiled, cache_bytes=0)
+    for _ in range(2):
+        np.testing.assert_array_equal(reader.read_region(10, 20, 40, 30), image[20:50, 10:50])
+    assert reader.cache_info()[:3] == (0, 8, 0)
+
+
+def test_tiff_cached_chunks_are_not_shared_with_callers(tiled: Path, image: np.ndarray) -> None:
+    reader = TiffImage(tiled)
+    reader.read_region(0, 0, 32, 32)[:] = 0  # exactly one cached tile, scribbled over
+    np.testing.assert_array_equal(reader._read_level(0, 0, 0, 32, 32), image[:32, :32])
+    np.testing.assert_array_equal(reader.read_region(0, 0, 32, 32), image[:32, :32])
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "64MB"])
+def test_tiff_cache_bytes_must_be_a_size(tiled: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match="cache_bytes"):
+        TiffImage(tiled, cache_bytes=bad)  # type: ignore[arg-type]
+
+
+def test_tiff_reader_shared_between_threads(tiled: Path, image: np.ndarray) -> None:
+    reader = TiffImage(tiled, cache_bytes=12 * 3072)  # small: threads evict each other's tiles
+    truth = open_image(image)
+
+    def read(seed: int) -> bool:
+        rng = np.random.default_rng(seed)
+        for _ in range(100):
+            x, y = int(rng.integers(-10, 230)), int(rng.integers(-10, 190))
+            w, h = (int(v) for v in rng.integers(1, 40, size=2))
+            if not np.array_equal(reader.read_region(x, y, w, h), truth.read_region(x, y, w, h)):
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(read, range(4)))
+    assert reader.cache_info().nbytes <= 12 * 3072
+
+
+def test_tiff_chunks_decoded_on_threads(tiled: Path, image: np.ndarray) -> None:
+    # as tifffile's store does on machines with 6 cores or more; 2 here would not use threads
+    reader = TiffImage(tiled)
+    reader._grids[0].maxworkers = 3
+    truth = open_image(image)
+    for x, y, w, h in _random_boxes(200, 240, 30, seed=6):
+        np.testing.assert_array_equal(reader.read_region(x, y, w, h), truth.read_region(x, y, w, h))
+    assert reader._executor is not None
+    reader.close()
+    assert reader._executor is None
+
+
+def test_tiff_reader_inherited_by_a_forked_process(tiled: Path, image: np.ndarray) -> None:
+    reader = TiffImage(tiled)
+    reader._grids[0].maxworkers = 3
+    reader.read_region(0, 0, 100, 100)  # threads started, chunks cached
+    pid = os.fork()
+    if pid == 0:  # child: the parent's threads are gone; reading must neither hang nor fail
+        signal.alarm(30)
+        ok = np.array_equal(reader.read_region(0, 0, 240, 200), image)  # hits and misses
+        ok = ok and reader._executor is not None and reader._pid == os.getpid()
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(reader.read_region(100, 100, 140, 100), image[100:, 100:])
