@@ -376,3 +376,18 @@ def test_smooth_with_older_squidpy_api(adata, monkeypatch):
         _dense(adata.layers["X_smoothed"]), _dense(expected.layers["X_smoothed"])
     )
     assert "spatial_connectivities" not in adata.obsp
+
+
+@pytest.mark.skipif(not (HER2ST / "ST-cnts").is_dir(), reason="her2st data absent")
+def test_smoothing_infers_the_square_grid_of_every_her2st_section():
+    import anndata as ad
+
+    from rankbygene.datasets import her2st
+
+    sections = [her2st(s, path=HER2ST) for s in ("B4", "C2", "C3", "C4")]
+    adata = ad.concat(sections, join="inner", uns_merge="unique")
+    for section in sections:
+        # legacy ST: a square grid, smoothed over the 3 x 3 neighbourhood as the reference does
+        assert _infer_n_neighs(section.obsm["spatial"], np.zeros(section.n_obs)) == 8
+    pp.smooth_expression(adata, layer="counts", key_added="smoothed", library_key="library_id")
+    assert adata.layers["smoothed"].shape == adata.shape
