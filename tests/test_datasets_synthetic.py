@@ -8,7 +8,7 @@ import pytest
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene.datasets._synthetic import REGION_TYPES, synthetic
+from rankbygene.datasets._synthetic import CELL_TYPES, REGION_TYPES, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,93 @@ def test_expression_follows_regions(adata):
         markers = (adata.var["program"] == region).to_numpy()
         inside = (adata.obs["region"] == region).to_numpy()
         ratio = expr[inside][:, markers].mean() / expr[~inside][:, markers].mean()
-        assert ratio > 5, (region, ratio)
+        # Immune genes also follow the lymphocytes that infiltrate tumour and stroma.
+        assert ratio > (3 if region == "immune" else 5), (region, ratio)
+
+
+def _pure(adata, region, threshold=0.95):
+    k = adata.uns["synthetic"]["regions"].index(region)
+    return adata.obsm["region_fractions"][:, k] > threshold
+
+
+def _driver_expression(adata, driver):
+    """Summed normalised expression of the genes driven by ``driver``, per spot."""
+    genes = (adata.var["driver"] == driver).to_numpy()
+    assert genes.sum() >= 3, driver
+    return np.expm1(_lognorm(adata))[:, genes].sum(axis=1)
+
+
+def test_cell_counts(adata):
+    counts = adata.obsm["cell_counts"]
+    assert adata.uns["synthetic"]["cell_types"] == list(CELL_TYPES)
+    assert counts.shape == (adata.n_obs, len(CELL_TYPES))
+    np.testing.assert_array_equal(counts, np.round(counts))
+    assert counts.min() >= 0
+    column = {kind: counts[:, j] for j, kind in enumerate(CELL_TYPES)}
+    tumor, immune, stroma = _pure(adata, "tumor"), _pure(adata, "immune"), _pure(adata, "stroma")
+    # Dense lymphoid aggregates; tumour cells only in tumour; fibroblasts mostly in stroma.
+    assert np.median(column["lymphocyte"][immune]) > 30
+    assert (column["tumor"] + column["tumor_cycling"])[~_pure(adata, "tumor", 0.0)].max() == 0
+    assert np.median(column["fibroblast"][stroma]) > np.median(column["fibroblast"][tumor])
+    # Composition varies inside a region: from almost no infiltrating lymphocytes to dense
+    # infiltrates, from low- to high-grade (mostly cycling) tumour.
+    lymph = column["lymphocyte"][tumor]
+    assert np.quantile(lymph, 0.2) <= 2
+    assert np.quantile(lymph, 0.9) >= 10
+    cycling = column["tumor_cycling"][tumor] / (column["tumor"] + column["tumor_cycling"])[tumor]
+    assert np.quantile(cycling, 0.1) < 0.2
+    assert np.quantile(cycling, 0.9) > 0.5
+    assert {"driver", "program"} <= set(adata.var.columns)
+    assert set(adata.var["driver"][adata.var["program"] == "housekeeping"]) == {"all"}
+
+
+@pytest.mark.parametrize(
+    ("region", "driver", "cell_type"),
+    [
+        ("tumor", "lymphocyte", "lymphocyte"),
+        ("stroma", "lymphocyte", "lymphocyte"),
+        ("tumor", "tumor_cycling", "tumor_cycling"),
+        ("stroma", "fibroblast", "fibroblast"),
+    ],
+)
+def test_expression_follows_cells_under_the_spot(adata, region, driver, cell_type):
+    # Inside one region, where region fractions are constant, a program's expression still
+    # follows the number of cells that express it.
+    pure = _pure(adata, region)
+    assert pure.sum() >= 30
+    cells = adata.obsm["cell_counts"][pure, CELL_TYPES.index(cell_type)]
+    expression = _driver_expression(adata, driver)[pure]
+    r = np.corrcoef(np.log1p(cells), np.log1p(expression))[0, 1]
+    assert r > 0.7, (region, driver, r)
+
+
+def _darkness_profile(adata, library_id, spots):
+    """Fractions of the pixels of each spot's patch darker than a ladder of grey levels.
+
+    The levels are quantiles of the slide's pixels, so that they follow its stain strength.
+    """
+    image = adata.uns["spatial"][library_id]["images"]["hires"].astype(np.float32).mean(axis=2)
+    half = int(adata.uns["spatial"][library_id]["scalefactors"]["spot_diameter_fullres"]) // 2
+    levels = np.quantile(image[::4, ::4], [0.01, 0.03, 0.1, 0.2, 0.3, 0.5])
+    feats = []
+    for x, y in np.rint(adata.obsm["spatial"][spots]).astype(int):
+        grey = image[y - half : y + half, x - half : x + half].ravel()
+        feats.append((grey[:, None] < levels).mean(axis=0))
+    return np.asarray(feats)
+
+
+@pytest.mark.parametrize("cell_type", ["lymphocyte", "tumor_cycling"])
+def test_image_shows_the_cells_under_the_spot(adata, cell_type):
+    # Inside pure tumour, small dark lymphocytes and large hyperchromatic cycling nuclei shift
+    # the patch's darkness profile: fitted on one slide, it predicts their number on the other.
+    j = CELL_TYPES.index(cell_type)
+    data = {}
+    for lib in ["slide_0", "slide_1"]:
+        spots = _pure(adata, "tumor") & (adata.obs["library_id"] == lib).to_numpy()
+        data[lib] = _darkness_profile(adata, lib, spots), adata.obsm["cell_counts"][spots, j]
+    predict = _ridge(*data["slide_0"], alpha=1.0)
+    r = np.corrcoef(predict(data["slide_1"][0]), data["slide_1"][1])[0, 1]
+    assert r > 0.5, (cell_type, r)
 
 
 def test_image_predicts_expression_on_held_out_slide(adata):

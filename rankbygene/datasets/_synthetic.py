@@ -9,10 +9,11 @@ import pandas as pd
 from anndata import AnnData
 from PIL import Image
 from scipy import ndimage, sparse
+from scipy.spatial import cKDTree
 
 from rankbygene._logging import logger
 
-__all__ = ["REGION_TYPES", "synthetic"]
+__all__ = ["CELL_TYPES", "REGION_TYPES", "synthetic"]
 
 #: Region (tissue compartment) types, in the order used for ``n_regions`` < 5.
 REGION_TYPES: tuple[str, ...] = ("tumor", "stroma", "immune", "adipose", "necrosis")
@@ -33,45 +34,89 @@ _BACKGROUND_STAIN = {
 }
 
 # Nucleus populations, scattered on a jittered hexagonal lattice (nuclei do not pile up):
-# lattice spacing (px), probability that a lattice site in each region holds a nucleus,
-# semi-major axis range (px), minor/major aspect range and haematoxylin concentration range.
-# About 1 um per pixel: tumour nuclei ~10-15 um, lymphocytes ~6-7 um.
+# lattice spacing (px); probability that a lattice site holds a nucleus, per region, as
+# ``(base, gain)``: ``base + gain * field`` with ``field`` one of the smooth composition fields
+# below (0 to 1); semi-major axis range (px), minor/major aspect range and haematoxylin
+# concentration range. About 1 um per pixel: tumour nuclei ~10-17 um, lymphocytes ~6-7 um.
+# Kinds are placed in this order; a later nucleus whose centre falls on an earlier one is dropped.
 _NUCLEI = {
     "tumor": {
-        "spacing": 18.0,
-        "keep": {"tumor": 0.85},
-        "a": (5.0, 8.5),
-        "aspect": (0.55, 1.0),
-        "stain": (0.8, 1.4),
-    },
-    "lymphocyte": {
-        "spacing": 7.5,
-        "keep": {"immune": 0.85, "stroma": 0.03, "tumor": 0.02, "adipose": 0.003},
-        "a": (2.7, 3.5),
-        "aspect": (0.85, 1.0),
-        "stain": (2.2, 2.8),
+        "spacing": 17.0,
+        "field": "grade",
+        # Higher grade, higher cellularity.
+        "keep": {"tumor": (0.5, 0.45)},
+        "a": (4.5, 6.5),
+        "aspect": (0.65, 1.0),
+        "stain": (0.7, 1.1),
     },
     "fibroblast": {
-        "spacing": 30.0,
-        "keep": {"stroma": 0.7, "adipose": 0.08, "tumor": 0.06},
+        "spacing": 24.0,
+        "field": "fibroblast",
+        # Cellular (young, reactive) versus sclerotic, hypocellular stroma.
+        "keep": {"stroma": (0.15, 0.8), "adipose": (0.06, 0.0), "tumor": (0.04, 0.0)},
         "a": (6.0, 9.0),
         "aspect": (0.22, 0.35),
         "stain": (1.3, 1.8),
     },
+    "lymphocyte": {
+        "spacing": 7.5,
+        "field": "infiltration",
+        # Dense aggregates in immune regions; patchy infiltrates elsewhere.
+        "keep": {
+            "immune": (0.85, 0.0),
+            "stroma": (0.0, 0.55),
+            "tumor": (0.0, 0.4),
+            "adipose": (0.003, 0.05),
+            "necrosis": (0.0, 0.1),
+        },
+        "a": (2.7, 3.5),
+        "aspect": (0.85, 1.0),
+        "stain": (2.2, 2.8),
+    },
     "debris": {
         "spacing": 9.0,
-        "keep": {"necrosis": 0.7},
+        "field": None,
+        "keep": {"necrosis": (0.7, 0.0)},
         "a": (0.8, 2.2),
         "aspect": (0.5, 1.0),
         "stain": (0.8, 1.5),
     },
     "ghost": {
         "spacing": 26.0,
-        "keep": {"necrosis": 0.8},
+        "field": None,
+        "keep": {"necrosis": (0.8, 0.0)},
         "a": (4.0, 7.0),
         "aspect": (0.6, 1.0),
         "stain": (0.25, 0.45),
     },
+}
+
+# Cycling (high-grade) tumour cells: a share of the tumour nuclei that grows with the grade field;
+# large, hyperchromatic, pleomorphic nuclei.
+_CYCLING = {"share": (0.05, 0.6), "a": (7.0, 10.0), "aspect": (0.5, 1.0), "stain": (1.1, 1.6)}
+
+#: Nucleus kinds counted under each spot (columns of ``obsm["cell_counts"]``); ``"tumor"`` counts
+#: the non-cycling tumour cells only.
+CELL_TYPES: tuple[str, ...] = (
+    "tumor",
+    "tumor_cycling",
+    "lymphocyte",
+    "fibroblast",
+    "debris",
+    "ghost",
+)
+
+# What drives expression: cell counts, or region areas (in cell equivalents per full spot) for
+# the cells that are not counted as nuclei (vessels and matrix-associated cells of stroma,
+# adipocytes). Relative RNA content per unit; the gene programs (``var["driver"]``) they carry.
+_DRIVERS = {
+    "tumor": {"rna": 1.0, "program": "tumor"},
+    "tumor_cycling": {"rna": 1.6, "program": "tumor"},
+    "lymphocyte": {"rna": 0.35, "program": "immune"},
+    "fibroblast": {"rna": 0.8, "program": "stroma"},
+    "stroma_area": {"rna": 1.0, "program": "stroma", "area": ("stroma", 5.0)},
+    "adipose_area": {"rna": 0.5, "program": "adipose", "area": ("adipose", 3.0)},
+    "debris": {"rna": 0.05, "program": "necrosis"},
 }
 
 
@@ -89,8 +134,9 @@ def synthetic(
 
     A small, fast, fully offline data set in the scanpy/squidpy spatial layout, for demos, tests and
     tutorials. Each slide has an H&E-like image made of contiguous tissue regions of distinct
-    morphology, and a hexagonal grid of spots whose counts are drawn from region-specific gene
-    programs, so that the image under a spot carries information about its expression.
+    morphology whose cell composition also varies inside each region, and a hexagonal grid of
+    spots whose counts are the sum of the expression of the cells under the spot, so that the
+    image under a spot carries information about its expression beyond the region it lies in.
 
     Generative model, per slide:
 
@@ -98,27 +144,44 @@ def synthetic(
        1.3 spot spacings); each pixel takes the region of the largest field (with offsets that keep
        every region's area near a random Dirichlet share), giving contiguous blobs from a few spots
        to many spots wide.
-    2. **Image.** Stain concentration maps for haematoxylin and eosin: a per-region background
+    2. **Cell composition.** Three smooth random fields in [0, 1] (length scales 0.6 to 0.9 spot
+       spacings, so composition changes between neighbouring spots but coherently): lymphocyte
+       *infiltration* of tumour and stroma (mostly sparse, with dense hot spots), tumour *grade*
+       (cellularity, nuclear size and the share of cycling cells, from ~5% to ~65%) and stromal
+       *cellularity* (cellular versus sclerotic stroma: fibroblast density).
+    3. **Image.** Stain concentration maps for haematoxylin and eosin: a per-region background
        (pink fibrous stroma with wavy collagen streaks, pale-purple tumour cytoplasm, near-white
        adipose with thin pink membranes around large polygonal cells, pale mottled necrosis) plus
-       nuclei stamped as soft ellipses at the sites of a jittered lattice, kept with a
-       region-dependent probability, with region-dependent size, shape and stain (large
-       pleomorphic tumour nuclei, dense small round dark lymphocytes, sparse elongated fibroblasts
-       along the fibres, fragmented debris and faint ghost nuclei in necrosis). The
-       RGB image follows Beer-Lambert: ``I = I0 * exp(-(c_H * OD_H + c_E * OD_E))``. Each slide
-       draws its own stain vectors, stain strengths and illumination (a batch effect); pixel noise
-       and a slight optical blur are added. The scale is about 1 um per pixel whatever the spot
-       size, so a default 64 px spot covers a few dozen nuclei.
-    3. **Spots.** A hexagonal grid (Visium-like: neighbours ``spot_spacing`` px apart in six
+       nuclei stamped as soft ellipses at the sites of a jittered lattice per nucleus kind, each
+       site kept with a probability set by its region and the composition fields, and dropped
+       where it would overlap an earlier nucleus: tumour nuclei (pale, vesicular, enlarging with
+       grade; cycling ones large, hyperchromatic, pleomorphic), dense small round dark
+       lymphocytes (aggregates in immune regions, infiltrates elsewhere), elongated fibroblasts
+       along the fibres, fragmented debris and faint ghost nuclei in necrosis. The RGB image
+       follows Beer-Lambert: ``I = I0 * exp(-(c_H * OD_H + c_E * OD_E))``. Each slide draws its
+       own stain vectors, stain strengths and illumination (a batch effect); pixel noise and a
+       slight optical blur are added. The scale is about 1 um per pixel whatever the spot size,
+       so a default 64 px spot covers a few dozen nuclei.
+    4. **Spots.** A hexagonal grid (Visium-like: neighbours ``spot_spacing`` px apart in six
        directions) of about ``n_spots`` spots; ``obsm["region_fractions"]`` is the fraction of each
-       region type inside each spot disc (diameter ``spot_diameter``), and ``obs["region"]`` the
-       dominant one. All slides use the same grid, hence the same coordinates: tell them apart
-       with ``obs["library_id"]`` (e.g. ``library_key="library_id"``).
-    4. **Counts.** About 60% of the genes are markers of one region (``"TUMOR_1"``, ...), the rest
-       are housekeeping genes (``"HK_1"``, ...) with region-independent means. A spot's mean is
-       ``size_factor * sum_r fraction_r * profile_r[g]`` with a lognormal size factor; counts are
-       negative binomial (gene-wise dispersion around 1/6) with extra dropout for weakly expressed
-       genes; median total counts are a few thousand.
+       region type inside each spot disc (diameter ``spot_diameter``), ``obs["region"]`` the
+       dominant one, and ``obsm["cell_counts"]`` the number of nuclei of each kind
+       (:data:`CELL_TYPES`) whose centre lies inside the disc. All slides use the same grid, hence
+       the same coordinates: tell them apart with ``obs["library_id"]``
+       (e.g. ``library_key="library_id"``).
+    5. **Counts.** About 60% of the genes are markers of one region's program (``"TUMOR_1"``,
+       ...), each expressed by one *driver* (``var["driver"]``): tumour identity genes by all
+       tumour cells, proliferation genes by cycling tumour cells only, immune genes by
+       lymphocytes wherever they are, stromal genes by fibroblasts or (matrix and vessel genes)
+       by the stromal area, adipose genes by the adipose area, necrosis genes by debris. The rest
+       are housekeeping genes (``"HK_1"``, ...) expressed by every cell at cell-type-specific
+       levels. A spot's mean is ``size_factor * (sum_d amount_d * profile_d[g] + ambient_g)``:
+       the amount of each driver under the spot (cell counts, or area fraction in cell
+       equivalents) times its profile (counts per cell, following the RNA content of the cell
+       type: lymphocytes and debris carry little), a little ambient RNA (3% of the slide's mean)
+       and a lognormal capture efficiency. Counts are negative binomial (gene-wise dispersion
+       around 1/6) with extra dropout for weakly expressed genes; median total counts are a few
+       thousand.
 
     Parameters
     ----------
@@ -147,13 +210,17 @@ def synthetic(
     - ``X`` and ``layers["counts"]``: integer-valued counts (float32, CSR).
     - ``obs``: ``library_id``, ``array_row``, ``array_col``, ``in_tissue``, ``region``
       (categoricals for ``library_id`` and ``region``).
-    - ``var["program"]``: the region a gene marks, or ``"housekeeping"``.
+    - ``var["program"]``: the region a gene marks, or ``"housekeeping"``; ``var["driver"]``:
+      what expresses it (a cell type, a region's area, or ``"all"`` for housekeeping genes).
     - ``obsm["spatial"]``: spot centres (x, y) in full-resolution pixels;
-      ``obsm["region_fractions"]``: fraction of each region type under each spot.
+      ``obsm["region_fractions"]``: fraction of each region type under each spot;
+      ``obsm["cell_counts"]``: nuclei of each kind under each spot (float64, integer-valued).
     - ``uns["spatial"][library_id]``: ``images`` (``"hires"`` at full resolution,
       ``"lowres"``), ``scalefactors`` and ``metadata``, as ``squidpy.read.visium`` writes them.
     - ``uns["synthetic"]``: ``regions`` (names, in the column order of ``region_fractions``),
-      ``profiles`` (mean expression per region and gene before size factors) and the arguments.
+      ``cell_types`` (the column order of ``cell_counts``; ``"tumor"`` counts the non-cycling
+      tumour cells), ``drivers`` and ``profiles`` (mean counts per unit of each driver and gene,
+      before ambient RNA and capture efficiency) and the arguments.
 
     Examples
     --------
@@ -172,7 +239,7 @@ def synthetic(
     # Gene programs are shared across slides: only layout, stain and sampling noise differ.
     profiles, var = _gene_programs(rng, n_genes, regions)
 
-    xs, obs_frames, fractions, spatial_uns = [], [], [], {}
+    xs, obs_frames, fractions, cells, spatial_uns = [], [], [], [], {}
     for s in range(n_slides):
         library_id = f"slide_{s}"
         slide_rng = np.random.default_rng(rng.integers(2**63))
@@ -181,14 +248,16 @@ def synthetic(
         coarse_labels = _region_labels(slide_rng, shape, n_regions, spot_spacing, coarse)
         labels = np.repeat(np.repeat(coarse_labels, coarse, axis=0), coarse, axis=1)
         labels = labels[: shape[0], : shape[1]]
-        image = _render(
+        image, centres = _render(
             slide_rng, coarse_labels, labels, regions, xy, spot_diameter, spot_spacing, coarse
         )
         frac = _spot_fractions(labels, xy, spot_diameter, n_regions)
-        counts = _sample_counts(slide_rng, frac, profiles)
+        cell_counts = _spot_cell_counts(centres, xy, spot_diameter)
+        counts = _sample_counts(slide_rng, _driver_amounts(cell_counts, frac, regions), profiles)
 
         xs.append(counts)
         fractions.append(frac)
+        cells.append(cell_counts)
         obs_frames.append(
             pd.DataFrame(
                 {
@@ -226,12 +295,18 @@ def synthetic(
         X=x,
         obs=obs,
         var=var,
-        obsm={"spatial": spatial, "region_fractions": np.vstack(fractions)},
+        obsm={
+            "spatial": spatial,
+            "region_fractions": np.vstack(fractions),
+            "cell_counts": np.vstack(cells),
+        },
         layers={"counts": x.copy()},
         uns={
             "spatial": spatial_uns,
             "synthetic": {
                 "regions": regions,
+                "cell_types": list(CELL_TYPES),
+                "drivers": list(_DRIVERS),
                 "profiles": profiles.astype(np.float64),
                 "seed": seed,
                 "n_slides": n_slides,
@@ -337,15 +412,22 @@ def _spot_fractions(labels, xy, diameter, n_regions):
     return frac.astype(np.float64)
 
 
+def _spot_cell_counts(centres, xy, diameter):
+    """Nuclei of each kind (:data:`CELL_TYPES`) with their centre inside each spot disc."""
+    counts = np.zeros((len(xy), len(CELL_TYPES)))
+    for j, kind in enumerate(CELL_TYPES):
+        pts = centres.get(kind)
+        if pts is not None and len(pts):
+            counts[:, j] = cKDTree(pts).query_ball_point(xy, diameter / 2, return_length=True)
+    return counts
+
+
 # --------------------------------------------------------------------------- image
 
 
-def _lattice_points(rng, labels, spacing, keep_per_region, regions):
-    """Jittered hexagonal lattice sites, each kept with a probability set by its region."""
-    keep = np.array([keep_per_region.get(r, 0.0) for r in regions])
-    if keep.max() <= 0:
-        return np.empty((0, 2))
-    height, width = labels.shape
+def _lattice_points(rng, shape, spacing):
+    """Jittered hexagonal lattice sites (x, y) over an image of ``shape``."""
+    height, width = shape
     row_step = spacing * math.sqrt(3) / 2
     ys = np.arange(row_step / 2, height, row_step)
     xs = np.arange(spacing / 2, width, spacing)
@@ -355,20 +437,58 @@ def _lattice_points(rng, labels, spacing, keep_per_region, regions):
     pts += rng.uniform(-0.3 * spacing, 0.3 * spacing, pts.shape)
     pts[:, 0] = np.clip(pts[:, 0], 0, width - 1)
     pts[:, 1] = np.clip(pts[:, 1], 0, height - 1)
-    lab = labels[pts[:, 1].astype(np.int64), pts[:, 0].astype(np.int64)]
-    return pts[rng.uniform(size=len(pts)) < keep[lab]]
+    return pts
 
 
-def _nuclei_stamps(rng, shape, centres, a_range, aspect_range, stain_range, theta=None):
-    """Flat pixel indices and haematoxylin weights of soft elliptical nuclei."""
+def _composition_fields(rng, small, spacing, coarse):
+    """Smooth fields (0 to 1, coarse grid) that set the cell composition inside regions.
+
+    Length scales of about half to one spot spacing, so composition changes from spot to spot
+    but coherently, as infiltrates, grade and stromal cellularity do in tissue.
+    """
+    z = {
+        "infiltration": _smooth_noise(rng, small, 0.6 * spacing / coarse),
+        "grade": _smooth_noise(rng, small, 0.9 * spacing / coarse),
+        "fibroblast": _smooth_noise(rng, small, 0.7 * spacing / coarse),
+    }
+    # Infiltration is skewed: mostly sparse, with dense hot spots.
+    return {
+        "infiltration": _expit(2.0 * z["infiltration"] - 1.3),
+        "grade": _expit(1.8 * z["grade"]),
+        "fibroblast": _expit(1.8 * z["fibroblast"]),
+    }
+
+
+def _expit(x):
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def _keep_probability(spec, region, field, regions):
+    """Probability that each lattice site holds a nucleus, from its region and field value."""
+    base = np.array([spec["keep"].get(r, (0.0, 0.0))[0] for r in regions])
+    gain = np.array([spec["keep"].get(r, (0.0, 0.0))[1] for r in regions])
+    keep = base[region]
+    if field is not None:
+        keep = keep + gain[region] * field
+    return keep
+
+
+def _nuclei_stamps(rng, shape, centres, a_range, aspect_range, stain_range, theta=None, scale=None):
+    """Flat pixel indices and haematoxylin weights of soft elliptical nuclei.
+
+    ``scale`` (per nucleus) multiplies the size drawn from ``a_range``.
+    """
     n = len(centres)
     height, width = shape
-    a = rng.uniform(*a_range, n).astype(np.float32)[:, None, None]
+    a = rng.uniform(*a_range, n)
+    if scale is not None:
+        a = a * scale
+    a = a.astype(np.float32)[:, None, None]
     b = a * rng.uniform(*aspect_range, n).astype(np.float32)[:, None, None]
     if theta is None:
         theta = rng.uniform(0, np.pi, n)
     stain = rng.uniform(*stain_range, n).astype(np.float32)[:, None, None]
-    half = math.ceil(a_range[1]) + 1
+    half = math.ceil(float(a.max(initial=0.0))) + 1
     off = np.arange(-half, half + 1)
     iy = np.rint(centres[:, 1]).astype(np.int64)
     ix = np.rint(centres[:, 0]).astype(np.int64)
@@ -412,7 +532,7 @@ def _adipose_membranes(rng, shape, cell_size, coarse=2):
 
 
 def _render(rng, coarse_labels, labels, regions, xy, spot_diameter, spacing, coarse):
-    """H&E-like RGB image (uint8) for a region label map (coarse and full resolution)."""
+    """H&E-like RGB image (uint8) for a region label map, and the nucleus centres of each kind."""
     height, width = shape = labels.shape
     small = coarse_labels.shape
     f32 = np.float32
@@ -474,19 +594,59 @@ def _render(rng, coarse_labels, labels, regions, xy, spot_diameter, spacing, coa
         blotch = _upsample(_smooth_noise(rng, small, 2.5), shape)
         conc_e *= np.where(labels == k, 0.8 + 0.3 * blotch, f32(1.0))
 
-    # Nuclei, accumulated in one pass.
+    # Nuclei, kind after kind; the centres are kept to count the cells under each spot.
+    fields = _composition_fields(rng, small, spacing, coarse)
+    centres = {}
     flats, weights = [], []
+    occupied = np.zeros(height * width, dtype=bool)
     for kind, spec in _NUCLEI.items():
-        pts = _lattice_points(rng, labels, spec["spacing"], spec["keep"], regions)
-        theta = None
-        if kind == "fibroblast" and stroma_angle is not None:
-            # Fibroblasts lie along the collagen fibres.
-            theta = stroma_angle + rng.normal(0, 0.25, len(pts))
-        flat, weight = _nuclei_stamps(
-            rng, shape, pts, spec["a"], spec["aspect"], spec["stain"], theta
-        )
-        flats.append(flat)
-        weights.append(weight)
+        if not any(sum(spec["keep"].get(r, (0.0, 0.0))) > 0 for r in regions):
+            # None of this kind on the slide (e.g. no necrosis).
+            for name in ("tumor", "tumor_cycling") if kind == "tumor" else (kind,):
+                centres[name] = np.empty((0, 2))
+            continue
+        pts = _lattice_points(rng, shape, spec["spacing"])
+        iy, ix = pts[:, 1].astype(np.int64), pts[:, 0].astype(np.int64)
+        field = None
+        if spec["field"] is not None:
+            field = fields[spec["field"]][iy // coarse, ix // coarse]
+        kept = rng.uniform(size=len(pts)) < _keep_probability(spec, labels[iy, ix], field, regions)
+        # Nuclei do not overlap: drop sites that fall on an earlier nucleus.
+        kept &= ~occupied[iy * width + ix]
+        pts = pts[kept]
+        if kind == "tumor":
+            grade = field[kept]
+            lo, gain = _CYCLING["share"]
+            cycling = rng.uniform(size=len(pts)) < lo + gain * grade
+            centres["tumor"], centres["tumor_cycling"] = pts[~cycling], pts[cycling]
+            # Nuclei of non-cycling cells also enlarge with grade (pleomorphism).
+            stamps = [
+                _nuclei_stamps(
+                    rng,
+                    shape,
+                    pts[~cycling],
+                    spec["a"],
+                    spec["aspect"],
+                    spec["stain"],
+                    scale=0.9 + 0.3 * grade[~cycling],
+                ),
+                _nuclei_stamps(
+                    rng, shape, pts[cycling], _CYCLING["a"], _CYCLING["aspect"], _CYCLING["stain"]
+                ),
+            ]
+        else:
+            centres[kind] = pts
+            theta = None
+            if kind == "fibroblast" and stroma_angle is not None:
+                # Fibroblasts lie along the collagen fibres.
+                theta = stroma_angle + rng.normal(0, 0.25, len(pts))
+            stamps = [
+                _nuclei_stamps(rng, shape, pts, spec["a"], spec["aspect"], spec["stain"], theta)
+            ]
+        for flat, weight in stamps:
+            flats.append(flat)
+            weights.append(weight)
+            occupied[flat] = True
     nuc = np.bincount(
         np.concatenate(flats), weights=np.concatenate(weights), minlength=height * width
     )
@@ -513,7 +673,7 @@ def _render(rng, coarse_labels, labels, regions, xy, spot_diameter, spacing, coa
         # Uniform pixel noise (sd ~3), cheaper to draw than Gaussian noise.
         od += (rng.random(shape, dtype=f32) - 0.5) * f32(10.0)
         rgb[..., ch] = np.clip(od, 0, 255)
-    return rgb
+    return rgb, centres
 
 
 def _downscale(image, max_side):
@@ -529,43 +689,81 @@ def _downscale(image, max_side):
 
 
 def _gene_programs(rng, n_genes, regions):
-    """Region-by-gene mean profiles and the ``var`` table."""
+    """Driver-by-gene mean profiles (counts per unit of each driver) and the ``var`` table.
+
+    Each marker gene belongs to one region's program and is expressed by one driver (a cell
+    kind, or a region's area): tumour genes by all tumour cells (``"tumor"``) or by cycling ones
+    only (``"tumor_cycling"``, proliferation), stromal genes by fibroblasts or by the stromal
+    area. Housekeeping genes are expressed by every driver, at cell-type-specific levels.
+    """
     n_regions = len(regions)
     n_markers = max(n_regions, round(0.6 * n_genes)) if n_regions > 1 else 0
     per_region = np.full(n_regions, n_markers // max(n_regions, 1))
     per_region[: n_markers - per_region.sum()] += 1
-    names, program = [], []
+    names, program, driver = [], [], []
     for r, k in zip(regions, per_region, strict=True):
         names += [f"{r.upper()}_{i + 1}" for i in range(k)]
         program += [r] * k
+        sources = [d for d, spec in _DRIVERS.items() if spec["program"] == r]
+        # Split the program over its drivers in contiguous blocks (the first gets the remainder).
+        split = np.full(len(sources), k // len(sources))
+        split[0] += k - split.sum()
+        driver += [d for d, m in zip(sources, split, strict=True) for _ in range(m)]
     n_hk = n_genes - len(names)
     names += [f"HK_{i + 1}" for i in range(n_hk)]
     program += ["housekeeping"] * n_hk
+    driver += ["all"] * n_hk
 
+    drivers = list(_DRIVERS)
+    driver_arr = np.asarray(driver)
     # Baseline means span two orders of magnitude, so some genes are weakly expressed.
     base = rng.lognormal(np.log(8.0), 1.1, n_genes)
-    profiles = np.tile(base, (n_regions, 1)) * rng.lognormal(0.0, 0.15, (n_regions, n_genes))
-    program_arr = np.asarray(program)
-    for k, r in enumerate(regions):
-        is_marker = program_arr == r
-        # Markers: strongly up in their region and low elsewhere.
-        fold = rng.uniform(8.0, 25.0, is_marker.sum())
-        profiles[:, is_marker] *= 0.5
-        profiles[k, is_marker] *= 2.0 * fold
-    # Scale to a few thousand counts per spot on average.
-    profiles *= 3000.0 / profiles.sum(axis=1).mean()
+    profiles = base * rng.lognormal(0.0, 0.15, (len(drivers), n_genes))
+    # Housekeeping levels differ somewhat between cell types.
+    hk = driver_arr == "all"
+    profiles[:, hk] *= rng.lognormal(0.0, 0.25, (len(drivers), hk.sum()))
+    # Markers: strongly up in the cells that express them and low elsewhere.
+    fold = rng.uniform(8.0, 25.0, n_genes)
+    for k, d in enumerate(drivers):
+        own = driver_arr == d
+        if d == "tumor_cycling":
+            # Cycling tumour cells keep the tumour identity genes.
+            own |= driver_arr == "tumor"
+        profiles[k, ~hk] *= np.where(own[~hk], 2.0 * fold[~hk], 0.5)
+    # Counts per unit of each driver follow its RNA content (~300 counts per tumour cell).
+    rna = np.array([_DRIVERS[d]["rna"] for d in drivers])
+    profiles *= (300.0 * rna / profiles.sum(axis=1))[:, None]
     var = pd.DataFrame(
-        {"program": pd.Categorical(program, categories=[*regions, "housekeeping"])},
+        {
+            "program": pd.Categorical(program, categories=[*regions, "housekeeping"]),
+            "driver": pd.Categorical(driver, categories=[*drivers, "all"]),
+        },
         index=pd.Index(names),
     )
     return profiles, var
 
 
-def _sample_counts(rng, fractions, profiles):
-    """Negative-binomial counts with lognormal size factors and extra dropout."""
-    n_spots, n_genes = fractions.shape[0], profiles.shape[1]
-    size = rng.lognormal(0.0, 0.3, n_spots)
-    mu = size[:, None] * (fractions @ profiles)
+def _driver_amounts(cell_counts, fractions, regions):
+    """Amount of each driver under each spot: cell counts, or area fraction x cell equivalents."""
+    cols = []
+    for name, spec in _DRIVERS.items():
+        if "area" in spec:
+            region, units = spec["area"]
+            amount = fractions[:, regions.index(region)] * units if region in regions else 0.0
+            cols.append(np.broadcast_to(amount, len(fractions)))
+        else:
+            cols.append(cell_counts[:, CELL_TYPES.index(name)])
+    return np.column_stack(cols).astype(np.float64)
+
+
+def _sample_counts(rng, amounts, profiles):
+    """Negative-binomial counts around the sum over the cells under the spot, with dropout."""
+    n_spots, n_genes = amounts.shape[0], profiles.shape[1]
+    mu = amounts @ profiles
+    # Ambient RNA (diffused from the rest of the slide) gives near-empty spots a few counts.
+    mu += 0.03 * mu.mean(axis=0)
+    # Capture efficiency varies from spot to spot.
+    mu *= rng.lognormal(0.0, 0.3, n_spots)[:, None]
     # Gene-wise inverse dispersion around 6 (var = mu + mu^2 / theta), as in Visium data.
     theta = rng.lognormal(np.log(6.0), 0.4, n_genes)
     lam = rng.gamma(theta[None, :], mu / theta[None, :])
