@@ -33,7 +33,8 @@ def _quiet_lightning():
 # -- a model trained on synthetic slides, shared by the model and prediction tests -----------
 
 #: Held-out mean Pearson r that training must add over the same model untrained (ridge on the
-#: teacher embedding); see the fixture below for the measured values.
+#: teacher embedding). Measured with the fixture below: 0.555 untrained -> 0.580 trained
+#: (+0.026); the same setting on data seeds 1 and 2 gave +0.044 and +0.034.
 LEARNING_MARGIN = 0.02
 
 

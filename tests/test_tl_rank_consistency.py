@@ -60,7 +60,8 @@ def test_trained_embedding_is_more_consistent_than_untrained(trained_synthetic):
     untrained = rbg.RankByGene(run.train, image_encoder="resnet18", input_size=48, n_latent=32)
     test.obsm["X_untrained"] = untrained.get_image_representation(test)
     rbg.tl.rank_consistency(test, use_rep="X_untrained", key_added="untrained")
-    assert trained > test.obs["untrained"].mean()
+    # Measured: 0.155 trained vs 0.084 untrained (mean per-spot Spearman).
+    assert trained > test.obs["untrained"].mean() + 0.03
 
 
 def test_bad_input():
