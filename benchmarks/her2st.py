@@ -75,6 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="teacher features the ridge read-out uses (backbone: the HEST protocol)",
     )
     parser.add_argument("--smooth", action="store_true", help="3x3 smoothing of the targets")
+    parser.add_argument(
+        "--rank-target",
+        choices=["embedding", "expression"],
+        default="embedding",
+        help="gene-side ordering of the ranking loss",
+    )
+    parser.add_argument("--lambda-rank", type=float, default=5.0, help="where ranking is on")
+    parser.add_argument("--tau-rank", type=float, default=0.05)
     parser.add_argument("--n-top", type=int, default=50, help="highly expressed genes scored")
     parser.add_argument("--out", type=Path, default=Path("her2st_benchmark.csv"))
     return parser.parse_args(argv)
@@ -92,8 +100,9 @@ def load_sections(args: argparse.Namespace) -> tuple[ad.AnnData, list[str]]:
     present = [g for g in panel if g in adata.var_names]
     adata = adata[:, present].copy()
     if args.smooth:
+        # Smoothed targets for training only: held-out sections are scored on their own counts.
         rbg.pp.smooth_expression(
-            adata, layer="counts", key_added="counts", library_key="library_id"
+            adata, layer="counts", key_added="counts_smoothed", library_key="library_id"
         )
     return adata, present
 
@@ -113,8 +122,14 @@ def run_fold(adata: ad.AnnData, held_out: str, method: str, seed: int, args) -> 
     scvi.settings.seed = seed
     train = adata[adata.obs["library_id"] != held_out].copy()
     test = adata[adata.obs["library_id"] == held_out].copy()
-    rbg.RankByGene.setup_anndata(train, layer="counts", library_key="library_id")
-    settings = METHODS[method] or {}
+    layer = "counts_smoothed" if args.smooth else "counts"
+    rbg.RankByGene.setup_anndata(train, layer=layer, library_key="library_id")
+    settings = {
+        "rank_target": args.rank_target,
+        "tau_rank": args.tau_rank,
+        "lambda_rank": args.lambda_rank,
+        **(METHODS[method] or {}),
+    }
     model = rbg.RankByGene(
         train,
         image_encoder=args.encoder,
@@ -144,7 +159,7 @@ def run_fold(adata: ad.AnnData, held_out: str, method: str, seed: int, args) -> 
             model.predict_expression(test, method="knn", k=50)
         else:
             model.predict_expression(test, method="ridge", representation=args.representation)
-        scores = rbg.tl.evaluate_expression(test, library_key="library_id")
+        scores = rbg.tl.evaluate_expression(test, layer_true="counts", library_key="library_id")
         for gene_set, table in (
             ("panel", scores),
             (f"top{args.n_top}", scores[scores.gene.isin(heg)]),
