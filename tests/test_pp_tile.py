@@ -80,6 +80,22 @@ def test_tiles_are_at_the_right_place_and_scale(slide):
     assert entry["images"]["lowres"].shape[1] <= 600
 
 
+def test_openslide_backend_reads_the_same_slide(slide):
+    pytest.importorskip("openslide", reason="OpenSlide not installed (the openslide extra)")
+    path, image = slide
+    reader = open_image(path, backend="openslide")
+    try:
+        assert type(reader).__name__ == "OpenSlideImage"
+        assert reader.mpp == pytest.approx(MPP)
+        assert reader.shape == image.shape[:2]
+        np.testing.assert_array_equal(reader.read_region(310, 220, 64, 48), image[220:268, 310:374])
+    finally:
+        reader.close()
+    by_openslide = rbg.pp.tile_slide(path, tile_size_um=32, backend="openslide")
+    by_tifffile = rbg.pp.tile_slide(path, tile_size_um=32, backend="tifffile")
+    np.testing.assert_array_equal(by_openslide.obsm["spatial"], by_tifffile.obsm["spatial"])
+
+
 def test_background_is_left_out(slide):
     path, _ = slide
     tiles = rbg.pp.tile_slide(path, tile_size_um=32, tissue_threshold=0.5)
