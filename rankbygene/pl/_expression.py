@@ -198,20 +198,41 @@ def _sorted_gene_curves(table: pd.DataFrame, metric: str, n_label: int, ax: Axes
         )
         ax.plot(np.arange(len(per_gene)), per_gene.to_numpy(), label=label, lw=1.5)
         if i == 0 and n_label > 0:
-            n = min(n_label, len(per_gene) // 2)
-            for rank in [*range(n), *range(len(per_gene) - n, len(per_gene))]:
-                ax.annotate(
-                    per_gene.index[rank],
-                    (rank, per_gene.iloc[rank]),
-                    fontsize=7,
-                    xytext=(4, 0),
-                    textcoords="offset points",
-                    va="center",
-                )
+            _label_extremes(per_gene, min(n_label, len(per_gene) // 2), ax)
     ax.axhline(0, color="grey", lw=0.6)
     ax.set_xlabel("genes, sorted by score")
     ax.set_ylabel(metric)
     ax.legend(frameon=False, fontsize=8)
+
+
+def _label_extremes(per_gene: pd.Series, n: int, ax: Axes) -> None:
+    """Name the ``n`` best and worst genes in two stacked columns, with a thin line to each point.
+
+    Neighbouring genes have nearly equal scores, so labels placed at the points would overlap.
+    """
+    count = len(per_gene)
+    step = 0.07 * max(float(per_gene.iloc[0] - per_gene.iloc[-1]), 1e-6)
+    arrow = {"arrowstyle": "-", "lw": 0.4, "color": "grey"}
+    for j in range(n):
+        ax.annotate(
+            per_gene.index[j],
+            (j, per_gene.iloc[j]),
+            xytext=(0.12 * count, per_gene.iloc[0] - j * step),
+            fontsize=7,
+            va="center",
+            arrowprops=arrow,
+        )
+    for j in range(n):
+        rank = count - n + j
+        ax.annotate(
+            per_gene.index[rank],
+            (rank, per_gene.iloc[rank]),
+            xytext=(0.86 * count, per_gene.iloc[-1] + (n - 1 - j) * step),
+            fontsize=7,
+            va="center",
+            ha="right",
+            arrowprops=arrow,
+        )
 
 
 def _method_bars(table: pd.DataFrame, metric: str, ax: Axes) -> None:
