@@ -505,6 +505,27 @@ def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     return notebook
 
 
+def shrink_images(notebook: nbformat.NotebookNode, max_bytes: int = 200_000) -> None:
+    """Re-encode large PNG outputs with a 256-colour palette (H&E backgrounds compress badly).
+
+    Keeps the committed notebooks small; the figures look the same at notebook size.
+    """
+    import base64
+    import io
+
+    from PIL import Image
+
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if len(data.get("image/png", "")) <= max_bytes:
+                continue
+            image = Image.open(io.BytesIO(base64.b64decode(data["image/png"]))).convert("RGB")
+            buffer = io.BytesIO()
+            image.quantize(256).save(buffer, format="PNG", optimize=True)
+            data["image/png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--execute", action="store_true", help="run and keep the outputs")
@@ -525,6 +546,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as workdir:
                 resources = {"metadata": {"path": workdir}}
                 NotebookClient(notebook, timeout=1200, resources=resources).execute()
+            shrink_images(notebook)
         nbformat.write(notebook, path)
         print(f"wrote {path}")
 
