@@ -30,6 +30,19 @@ def _quiet_lightning():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+@pytest.fixture(scope="module")
+def tiny_model():
+    """An untrained image model with a small input, for tests where geometry matters, not skill."""
+    import scvi
+
+    import rankbygene as rbg
+
+    scvi.settings.seed = 0
+    adata = rbg.datasets.synthetic(n_slides=1, n_spots=30, n_genes=12, seed=1)
+    rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+    return rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=8)
+
+
 # -- a model trained on synthetic slides, shared by the model and prediction tests -----------
 
 #: Held-out mean Pearson r that training must add over the same model untrained (ridge on the

@@ -41,17 +41,6 @@ def slide(tmp_path_factory):
     return path, image
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    """An untrained image model with a small input (the geometry is what matters here)."""
-    import scvi
-
-    scvi.settings.seed = 0
-    adata = rbg.datasets.synthetic(n_slides=1, n_spots=30, n_genes=12, seed=1)
-    rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
-    return rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=8)
-
-
 def test_tiles_are_at_the_right_place_and_scale(slide):
     path, image = slide
     tiles = rbg.pp.tile_slide(path, tile_size_um=32)  # 64 px at 0.5 um/px

@@ -195,16 +195,6 @@ def test_slide_features_from_anndata_lists_and_dicts():
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    import scvi
-
-    scvi.settings.seed = 0
-    adata = rbg.datasets.synthetic(n_slides=1, n_spots=30, n_genes=12, seed=1)
-    rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
-    return rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=8)
-
-
-@pytest.fixture(scope="module")
 def small_slides(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slides")
     paths = []
