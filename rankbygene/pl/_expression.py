@@ -11,8 +11,8 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 
 from rankbygene._constants import PREDICTED_LAYER_KEY
+from rankbygene._metrics import log_normalize, pearson_per_gene
 from rankbygene.pl._utils import new_axes, show_or_save
-from rankbygene.tl._metrics import log_normalize, pearson_per_gene
 
 
 def expression_maps(

@@ -1,7 +1,7 @@
 """Tools: evaluation of predicted expression and analyses of embeddings."""
 
+from rankbygene._metrics import log_normalize, pearson_per_gene, spearman_per_gene
 from rankbygene.tl._evaluate import evaluate_expression, summarize_expression_scores
-from rankbygene.tl._metrics import log_normalize, pearson_per_gene, spearman_per_gene
 from rankbygene.tl._mil import GatedAttentionMIL, SlideClassifier, fit_slide_classifier
 from rankbygene.tl._rank_consistency import rank_consistency
 from rankbygene.tl._slide import CrossValidationResult, embed_slides, slide_features

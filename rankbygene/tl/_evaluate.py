@@ -11,7 +11,7 @@ from scipy import sparse
 
 from rankbygene._constants import PREDICTED_LAYER_KEY
 from rankbygene._logging import logger
-from rankbygene.tl._metrics import log_normalize, pearson_per_gene, spearman_per_gene
+from rankbygene._metrics import log_normalize, pearson_per_gene, spearman_per_gene
 
 METRICS = ("pearson", "spearman", "mae", "mse")
 

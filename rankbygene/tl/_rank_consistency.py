@@ -9,7 +9,7 @@ from scipy.stats import rankdata
 
 from rankbygene._constants import IMAGE_EMBEDDING_KEY
 from rankbygene._logging import logger
-from rankbygene.tl._metrics import log_normalize
+from rankbygene._metrics import log_normalize
 
 _ROW_CHUNK = 512  # anchors per block: bounds memory at chunk x library-size similarities
 
