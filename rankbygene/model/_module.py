@@ -53,9 +53,10 @@ class RankByGeneModule(BaseModuleClass):
     lambda_contrastive, lambda_rank, lambda_distill
         Weights of the three terms; 0 switches a term off (ablations are runs of the same code).
     lambda_regression
-        Weight of a direct regression term: MSE between a linear head on the student's backbone
-        features and the log-normalised expression. With the other weights 0 this is the
-        ST-Net-like baseline (same backbone, supervised regression).
+        Weight of a direct regression term: MSE between a linear map of the student's projected
+        embedding (before L2 normalisation) and the log-normalised expression. With the other
+        weights 0 this is the ST-Net-like baseline: the same backbone and projection head,
+        trained by supervised regression instead of gene guidance.
     rank_scales
         Neighbourhood sizes of the multi-scale ranking loss; ``None`` = the whole batch.
     rank_delta
@@ -69,6 +70,10 @@ class RankByGeneModule(BaseModuleClass):
         and log1p-transformed here.
     feature_noise
         With precomputed features, dropout on the student's features (its "strong view").
+    freeze_backbone
+        Keep the image backbone's weights (a pretrained encoder) and train the heads only, on
+        backbone features computed once per spot (given in the batch as ``"features"``); the
+        heads see the features standardised with :meth:`set_feature_scaling`.
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class RankByGeneModule(BaseModuleClass):
         is_log_normalized: bool = False,
         target_sum: float = 1e4,
         feature_noise: float = 0.1,
+        freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
         if backbone is None and n_input_features is None:
@@ -106,8 +112,15 @@ class RankByGeneModule(BaseModuleClass):
         self.teacher_backbone = make_teacher(self.student_backbone)
         self.teacher_head = make_teacher(self.student_head)
         self.gene_head = ProjectionHead(n_genes, n_latent, dropout)
-        self.regression_head = nn.Linear(n_features, n_genes) if lambda_regression else None
-        self.feature_dropout = nn.Dropout(feature_noise) if self.uses_features else nn.Identity()
+        self.regression_head = nn.Linear(n_latent, n_genes) if lambda_regression else None
+        self.freeze_backbone = bool(freeze_backbone) and backbone is not None
+        if self.freeze_backbone:
+            self.student_backbone.requires_grad_(False)
+        on_features = self.uses_features or self.freeze_backbone
+        self.feature_dropout = nn.Dropout(feature_noise) if on_features else nn.Identity()
+        # standardisation of backbone features before the heads (identity unless set)
+        self.register_buffer("feature_shift", torch.zeros(n_features))
+        self.register_buffer("feature_scale", torch.ones(n_features))
         self.n_features = n_features
         self.n_latent = n_latent
         self.tau = tau
@@ -132,6 +145,18 @@ class RankByGeneModule(BaseModuleClass):
         size = expression.sum(dim=1, keepdim=True).clamp_min(1.0)
         return torch.log1p(expression / size * self.target_sum)
 
+    def set_feature_scaling(self, features: torch.Tensor) -> None:
+        """Standardise backbone features before the heads with these features' mean and sd."""
+        features = features.float()
+        sd = features.std(dim=0)
+        # features (nearly) constant here are left unscaled: on a new slide they may vary
+        live = sd > 1e-3 * sd.max().clamp_min(1e-12)
+        self.feature_shift.copy_(features.mean(dim=0))
+        self.feature_scale.copy_(torch.where(live, sd, torch.ones_like(sd)))
+
+    def _standardize(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.feature_shift) / self.feature_scale
+
     def embed_genes(self, expression: torch.Tensor) -> torch.Tensor:
         """L2-normalised gene embeddings g = h(e)."""
         return nn.functional.normalize(self.gene_head(self.log_normalize(expression)), dim=-1)
@@ -151,7 +176,7 @@ class RankByGeneModule(BaseModuleClass):
         features = backbone(images)
         if kind == "backbone":
             return features
-        return nn.functional.normalize(head(features), dim=-1)
+        return nn.functional.normalize(head(self._standardize(features)), dim=-1)
 
     def update_teacher(self, momentum: float) -> None:
         """EMA step of the teacher towards the student."""
@@ -160,26 +185,43 @@ class RankByGeneModule(BaseModuleClass):
 
     # -- scvi-tools module interface ------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
-        key = FEATURES if self.uses_features else IMAGE
+        # features: precomputed ones (features_key) or the frozen backbone's, computed once
+        precomputed = FEATURES in tensors
+        key = FEATURES if precomputed else IMAGE
         weak = tensors.get(IMAGE_WEAK, tensors[key])
-        return {"images": tensors[key], "images_weak": weak, "expression": tensors[EXPRESSION]}
+        return {
+            "images": tensors[key],
+            "images_weak": weak,
+            "expression": tensors[EXPRESSION],
+            "precomputed": precomputed,
+        }
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
         return {}
 
     def inference(
-        self, images: torch.Tensor, images_weak: torch.Tensor, expression: torch.Tensor
+        self,
+        images: torch.Tensor,
+        images_weak: torch.Tensor,
+        expression: torch.Tensor,
+        precomputed: bool = False,
     ) -> dict[str, torch.Tensor]:
-        features = self.student_backbone(self.feature_dropout(images))
-        v = nn.functional.normalize(self.student_head(features), -1)
+        features = images if precomputed else self.student_backbone(images)
+        student_input = self.feature_dropout(self._standardize(features))
+        projected = self.student_head(student_input)
+        v = nn.functional.normalize(projected, -1)
         with torch.no_grad():
-            w = self.embed_images(images_weak, teacher=True)
+            if precomputed:
+                w = self.teacher_head(self._standardize(images_weak))
+                w = nn.functional.normalize(w, dim=-1)
+            else:
+                w = self.embed_images(images_weak, teacher=True)
         g = self.embed_genes(expression)
         return {
             "v": v,
             "w": w,
             "g": g,
-            "features": features,
+            "projected": projected,
             "expression": self.log_normalize(expression),
         }
 
@@ -219,7 +261,7 @@ class RankByGeneModule(BaseModuleClass):
         )
         regression = (
             nn.functional.mse_loss(
-                self.regression_head(inference_outputs["features"]).float(),
+                self.regression_head(inference_outputs["projected"]).float(),
                 inference_outputs["expression"],
             )
             if self.regression_head is not None
