@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-size", type=int, default=112)
     parser.add_argument("--patch-scale", type=float, default=2.0)
     parser.add_argument("--context", type=int, default=6, help="neighbours in the read-out")
+    parser.add_argument(
+        "--views", type=int, default=8, help="plain + stain-jittered views of frozen features"
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--n-latent", type=int, default=128)
@@ -117,7 +120,13 @@ def load_sections(args: argparse.Namespace) -> tuple[ad.AnnData, list[str]]:
 
 
 def add_image_features(adata: ad.AnnData, args: argparse.Namespace) -> dict[str, float]:
-    """The frozen encoder's features and the patch statistics of every spot, computed once."""
+    """The frozen encoder's features (views) and the patch statistics of every spot, once.
+
+    ``obsm[FEATURES_KEY]`` is ``(n_spots, n_views, n_features)``: the plain patch, then
+    stain-jittered, flipped and rotated views, as ``freeze_backbone=True`` computes them.
+    """
+    import torch
+
     import rankbygene as rbg
 
     seconds = {}
@@ -130,7 +139,12 @@ def add_image_features(adata: ad.AnnData, args: argparse.Namespace) -> dict[str,
         input_size=args.input_size,
         patch_scale=args.patch_scale,
     )
-    adata.obsm[FEATURES_KEY] = encoder.get_image_representation(kind="backbone", progress=False)
+    torch.manual_seed(0)
+    views = [
+        encoder.get_image_representation(kind="backbone", progress=False, augmented=view > 0)
+        for view in range(args.views)
+    ]
+    adata.obsm[FEATURES_KEY] = np.stack(views, axis=1)
     seconds["encoder_features"] = time.perf_counter() - started
     started = time.perf_counter()
     rbg.tl.patch_statistics(
@@ -173,6 +187,7 @@ def fixed_readout(train, test, method: str, args) -> tuple[np.ndarray, float]:
     features = []
     for part in (train, test):
         x = np.asarray(part.obsm[key], dtype=np.float32)
+        x = x[:, 0] if x.ndim == 3 else x  # the plain view
         if args.context:
             x = rbg.tl.with_neighbor_context(
                 x, part.obsm["spatial"], part.obs["library_id"].astype(str).to_numpy(), args.context
@@ -242,7 +257,8 @@ def run(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
     print(
         f"{adata.n_obs} spots, {len(panel)} panel genes, sections {args.sections}; "
         f"{args.encoder} (pretrained={args.pretrained}, {args.recipe}) at {args.input_size} px, "
-        f"patch_scale {args.patch_scale}, context {args.context}, {args.epochs} epochs, "
+        f"patch_scale {args.patch_scale}, context {args.context}, {args.views} views, "
+        f"{args.epochs} epochs, "
         f"seeds {args.seeds}",
         flush=True,
     )

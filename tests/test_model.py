@@ -331,6 +331,43 @@ def test_frozen_backbone_trains_only_the_heads_and_round_trips(small, tmp_path):
     np.testing.assert_allclose(loaded.get_image_representation(), embedding, atol=1e-5)
 
 
+def test_feature_views_student_sees_augmented_views_teacher_the_plain_one():
+    from rankbygene.model._data import SpotViews
+    from rankbygene.model._module import FEATURES, FEATURES_WEAK
+
+    features = np.arange(5 * 4 * 2, dtype=np.float32).reshape(5, 4, 2)  # 5 spots, 4 views
+    train = SpotViews(np.arange(5), features=features, random_views=True)
+    torch.manual_seed(0)
+    seen = {int(train[2][FEATURES][0]) for _ in range(40)}
+    assert seen == {int(features[2, v, 0]) for v in (1, 2, 3)}  # never the plain view
+    assert torch.equal(train[2][FEATURES_WEAK], torch.from_numpy(features[2, 0]))
+    plain = SpotViews(np.arange(5), features=features)  # validation and getters: view 0
+    assert torch.equal(plain[2][FEATURES], torch.from_numpy(features[2, 0]))
+
+
+def test_frozen_backbone_views_and_features_with_views(small):
+    scvi.settings.seed = 0
+    model = _tiny_model(small, freeze_backbone=True)
+    features, valid = model._frozen_features(small, "raise", n_views=3)
+    assert features.shape == (small.n_obs, 3, model.module.n_features)
+    assert valid.all()
+    plain = model.get_image_representation(kind="backbone")
+    np.testing.assert_allclose(features[:, 0], plain, atol=1e-5)
+    assert not np.allclose(features[:, 1], plain, atol=1e-3)  # stain-jittered, flipped views
+    with pytest.raises(ValueError, match="n_views must be >= 1"):
+        model.train(max_epochs=1, n_views=0)
+    # the same views as precomputed features: (n_obs, n_views, n_features) in obsm
+    adata = _fresh(small)
+    adata.obsm["X_views"] = features
+    rbg.RankByGene.setup_anndata(
+        adata, layer="counts", library_key="library_id", features_key="X_views"
+    )
+    heads = rbg.RankByGene(adata, n_latent=8)
+    assert heads.module.n_features == model.module.n_features
+    heads.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    assert heads.get_image_representation().shape == (adata.n_obs, 8)
+
+
 # -- representations --------------------------------------------------------------------------
 def test_image_getter_accepts_a_slide_without_expression(trained_synthetic):
     run = trained_synthetic

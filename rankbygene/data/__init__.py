@@ -6,8 +6,10 @@ from rankbygene.data._transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PatchTransform,
+    RandomHEDJitter,
     RandomRot90,
     eval_transform,
+    stain_transform,
     strong_transform,
     weak_transform,
 )
@@ -17,9 +19,11 @@ __all__ = [
     "IMAGENET_STD",
     "PatchExtractor",
     "PatchTransform",
+    "RandomHEDJitter",
     "RandomRot90",
     "SpotPatchDataset",
     "eval_transform",
+    "stain_transform",
     "strong_transform",
     "weak_transform",
 ]

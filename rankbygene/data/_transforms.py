@@ -17,8 +17,10 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PatchTransform",
+    "RandomHEDJitter",
     "RandomRot90",
     "eval_transform",
+    "stain_transform",
     "strong_transform",
     "weak_transform",
 ]
@@ -38,6 +40,52 @@ class RandomRot90(torch.nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         k = int(torch.randint(4, ()))
         return torch.rot90(image, k, dims=(-2, -1)) if k else image
+
+
+#: Stain vectors (rows: haematoxylin, eosin, DAB) in optical density, Ruifrok & Johnston (2001),
+#: the matrix scikit-image's ``rgb2hed`` inverts.
+_RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32
+)
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+
+
+class RandomHEDJitter(torch.nn.Module):
+    """Stain augmentation: scale and shift each stain's optical density (Tellez et al., 2018).
+
+    The ``(3, H, W)`` uint8 image is deconvolved into haematoxylin, eosin and DAB densities; each
+    is multiplied by ``U(1 - sigma, 1 + sigma)`` and shifted by ``U(-sigma, sigma)`` times its
+    spread; the image is recomposed. This mimics the stain variation between labs and scanners,
+    unlike hue jitter or grayscale, which change colours H&E never takes.
+
+    Parameters
+    ----------
+    sigma
+        Strength; 0.05 is a common choice for H&E.
+
+    Examples
+    --------
+    >>> import torch
+    >>> image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    >>> RandomHEDJitter(0.0)(image).sub(image).abs().max() <= 1
+    tensor(True)
+    """
+
+    def __init__(self, sigma: float = 0.05) -> None:
+        super().__init__()
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0; got {sigma}.")
+        self.sigma = float(sigma)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        rgb = image.float().div(255.0).clamp_min(1e-6)
+        density = -torch.log(rgb).reshape(3, -1)  # optical density per channel
+        stains = torch.linalg.solve(_RGB_FROM_HED.T, density)  # (3 stains, pixels)
+        scale = 1 + (torch.rand(3, 1) * 2 - 1) * self.sigma
+        shift = (torch.rand(3, 1) * 2 - 1) * self.sigma * stains.std(dim=1, keepdim=True)
+        density = _RGB_FROM_HED.T @ (stains * scale + shift)
+        out = torch.exp(-density).reshape(image.shape).clamp(0, 1)
+        return (out * 255.0).round().to(torch.uint8)
 
 
 class PatchTransform:
@@ -204,6 +252,23 @@ def strong_transform(
         v2.RandomGrayscale(p=p_grayscale),
     ]
     return PatchTransform(augment, mean, std)
+
+
+def stain_transform(
+    mean: Sequence[float] | None = None, std: Sequence[float] | None = None, sigma: float = 0.05
+) -> PatchTransform:
+    """A stain-realistic view: flips, 90-degree rotations and HED stain jitter, normalised.
+
+    The views of a frozen backbone's features (``freeze_backbone=True``) are made with it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.data import stain_transform
+    >>> tuple(stain_transform()(np.zeros((8, 8, 3), np.uint8)).shape)
+    (3, 8, 8)
+    """
+    return PatchTransform([*_dihedral(), RandomHEDJitter(sigma)], mean, std)
 
 
 def _dihedral() -> list[Callable[[torch.Tensor], torch.Tensor]]:

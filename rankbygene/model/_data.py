@@ -16,10 +16,11 @@ from torch.utils.data import DataLoader, Dataset
 from rankbygene.data import (
     PatchExtractor,
     eval_transform,
+    stain_transform,
     strong_transform,
     weak_transform,
 )
-from rankbygene.model._module import EXPRESSION, FEATURES, IMAGE, IMAGE_WEAK
+from rankbygene.model._module import EXPRESSION, FEATURES, FEATURES_WEAK, IMAGE, IMAGE_WEAK
 
 if TYPE_CHECKING:
     from rankbygene.model._model import RankByGene
@@ -30,7 +31,12 @@ INDEX = "index"
 
 
 class SpotViews(Dataset):
-    """Per spot: an image view per transform (or features), expression, and the spot index."""
+    """Per spot: an image view per transform (or features), expression, and the spot index.
+
+    Features may carry views, ``(n_spots, n_views, n_features)``: view 0 of the plain patch and
+    augmented ones after it. With ``random_views`` the student gets a random augmented view and
+    the teacher view 0 (their strong and weak views); otherwise both get view 0.
+    """
 
     def __init__(
         self,
@@ -39,12 +45,14 @@ class SpotViews(Dataset):
         features: np.ndarray | None = None,
         expression: Any = None,
         transforms: Sequence | None = None,
+        random_views: bool = False,
     ) -> None:
         self.indices = np.asarray(indices, dtype=np.int64)
         self.patches = patches
         self.features = None if features is None else np.asarray(features, dtype=np.float32)
         self.expression = expression
         self.transforms = list(transforms or [])
+        self.random_views = random_views
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -52,7 +60,12 @@ class SpotViews(Dataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
         out: dict[str, torch.Tensor] = {INDEX: torch.tensor(i)}
-        if self.features is not None:
+        if self.features is not None and self.features.ndim == 3:
+            n_views = self.features.shape[1]
+            view = int(torch.randint(1, n_views, ())) if self.random_views and n_views > 1 else 0
+            out[FEATURES] = torch.from_numpy(self.features[i, view])
+            out[FEATURES_WEAK] = torch.from_numpy(self.features[i, 0])
+        elif self.features is not None:
             out[FEATURES] = torch.from_numpy(self.features[i])
         else:
             patch = self.patches[i]
@@ -131,6 +144,7 @@ class SpotDataModule(pl.LightningDataModule):
             features=self.features,
             expression=self.expression,
             transforms=self.train_transforms if train else self.eval_transforms,
+            random_views=train,
         )
         return DataLoader(
             dataset,
@@ -183,8 +197,9 @@ def image_loader(
     library_key: str | None,
     num_workers: int,
     out_of_bounds: str,
+    augmented: bool = False,
 ) -> DataLoader:
-    """Loader of un-augmented patches (or features) of ``adata`` for the image getter."""
+    """Loader of patches (plain or a stain view), or plain features, for the image getter."""
     idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
         raise IndexError(f"indices must lie in [0, {adata.n_obs}); got {idx.min()}..{idx.max()}.")
@@ -194,6 +209,8 @@ def image_loader(
                 f"The model was trained on adata.obsm[{model.features_key!r}], missing here."
             )
         features = np.asarray(adata.obsm[model.features_key], dtype=np.float32)
+        if features.ndim == 3:  # views: the plain one
+            features = features[:, 0]
         if features.shape[1] != model.module.n_features:
             raise ValueError(
                 f"adata.obsm[{model.features_key!r}] has {features.shape[1]} features; the model "
@@ -209,8 +226,9 @@ def image_loader(
         from rankbygene.pp._tile import check_tile_resolution
 
         check_tile_resolution(adata, patches, model.input_size)  # whole-slide tiles upsampled?
+        make = stain_transform if augmented else eval_transform
         dataset = SpotViews(
-            idx, patches=patches, transforms=[eval_transform(model.image_mean, model.image_std)]
+            idx, patches=patches, transforms=[make(model.image_mean, model.image_std)]
         )
     return DataLoader(
         dataset,

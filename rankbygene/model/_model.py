@@ -167,7 +167,11 @@ class RankByGene(BaseModelClass):
             encoder_name = backbone.name
         else:
             backbone = None
-            n_input_features = self.summary_stats[f"n_{FEATURES_REGISTRY_KEY}"]
+            n_input_features = (
+                self.adata_manager.get_from_registry(FEATURES_REGISTRY_KEY).shape[-1]
+                if self.adata_manager is not None
+                else self.summary_stats[f"n_{FEATURES_REGISTRY_KEY}"]
+            )
             self.image_mean = self.image_std = None
             encoder_name = f"precomputed obsm[{self.features_key!r}]"
         self.module = self._module_cls(
@@ -275,6 +279,7 @@ class RankByGene(BaseModelClass):
         cache: Literal["memory", "disk"] | None = "memory",
         cache_dir: str | Path | None = None,
         out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        n_views: int = 8,
         plan_kwargs: dict | None = None,
         **trainer_kwargs: Any,
     ) -> None:
@@ -307,6 +312,11 @@ class RankByGene(BaseModelClass):
             later runs) so each image is decoded once; ``None`` reads every patch from the image.
         out_of_bounds
             Spots whose patch leaves the image: ``"raise"``, ``"pad"`` (white) or ``"drop"``.
+        n_views
+            With ``freeze_backbone``: backbone features are computed for the plain patch and
+            ``n_views - 1`` stain-jittered, flipped and rotated views of it
+            (:func:`~rankbygene.data.stain_transform`); the student learns from a random
+            augmented view, the teacher from the plain one.
         plan_kwargs
             Passed to :class:`~rankbygene.model.RankByGeneTrainingPlan`.
         **trainer_kwargs
@@ -320,6 +330,8 @@ class RankByGene(BaseModelClass):
         max_epochs = 50 if max_epochs is None else int(max_epochs)
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1; got {max_epochs}.")
+        if n_views < 1:
+            raise ValueError(f"n_views must be >= 1; got {n_views}.")
         adata = self.adata
         expression = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         patches = None
@@ -327,9 +339,10 @@ class RankByGene(BaseModelClass):
         valid = None
         if self.features_key is not None:
             features = np.asarray(self.adata_manager.get_from_registry(FEATURES_REGISTRY_KEY))
-            self.module.set_feature_scaling(torch.as_tensor(features, dtype=torch.float32))
+            plain = features[:, 0] if features.ndim == 3 else features
+            self.module.set_feature_scaling(torch.as_tensor(plain, dtype=torch.float32))
         elif self.module.freeze_backbone:
-            features, valid = self._frozen_features(adata, out_of_bounds)
+            features, valid = self._frozen_features(adata, out_of_bounds, n_views)
         else:
             patches = make_patch_extractor(
                 self, adata, cache=cache, cache_dir=cache_dir, out_of_bounds=out_of_bounds
@@ -393,14 +406,18 @@ class RankByGene(BaseModelClass):
         if early_stopping:
             plan.restore_best()
 
-    def _frozen_features(self, adata: AnnData, out_of_bounds: str) -> tuple[np.ndarray, np.ndarray]:
-        """Backbone features of every usable spot, once, and the heads' standardisation."""
+    def _frozen_features(
+        self, adata: AnnData, out_of_bounds: str, n_views: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Backbone features of every usable spot, plain and augmented views, computed once."""
         valid = make_patch_extractor(self, adata, out_of_bounds=out_of_bounds).valid
-        features = np.zeros((adata.n_obs, self.module.n_features), dtype=np.float32)
-        features[valid] = self.get_image_representation(
-            adata, indices=np.flatnonzero(valid), kind="backbone", out_of_bounds="pad"
-        )
-        self.module.set_feature_scaling(torch.as_tensor(features[valid]))
+        spots = np.flatnonzero(valid)
+        features = np.zeros((adata.n_obs, n_views, self.module.n_features), dtype=np.float32)
+        for view in range(n_views):
+            features[spots, view] = self.get_image_representation(
+                adata, indices=spots, kind="backbone", out_of_bounds="pad", augmented=view > 0
+            )
+        self.module.set_feature_scaling(torch.as_tensor(features[spots, 0]))
         return features, valid
 
     def _default_lr_backbone(self, lr: float) -> float:
@@ -428,6 +445,7 @@ class RankByGene(BaseModelClass):
         num_workers: int = 0,
         out_of_bounds: Literal["raise", "pad"] = "pad",
         progress: bool | None = None,
+        augmented: bool = False,
     ) -> np.ndarray:
         """Teacher image embeddings (or backbone features) of each spot's patch.
 
@@ -455,6 +473,10 @@ class RankByGene(BaseModelClass):
             Patches leaving the image are padded (default) or raise.
         progress
             Show a progress bar (default: for more than 10 batches).
+        augmented
+            Embed a random stain-jittered, flipped and rotated view of each patch
+            (:func:`~rankbygene.data.stain_transform`) instead of the patch itself, e.g. to
+            precompute augmented views of frozen features.
 
         Returns
         -------
@@ -478,6 +500,7 @@ class RankByGene(BaseModelClass):
             library_key=library_key,
             num_workers=num_workers,
             out_of_bounds=out_of_bounds,
+            augmented=augmented,
         )
         return self._embed_batches(loader, kind, progress)
 
@@ -861,9 +884,10 @@ def _validate_setup(
                 f"features_key {features_key!r} not in adata.obsm (keys: {list(adata.obsm)})."
             )
         features = np.asarray(adata.obsm[features_key])
-        if features.ndim != 2 or features.shape[0] != adata.n_obs:
+        if features.ndim not in (2, 3) or features.shape[0] != adata.n_obs:
             raise ValueError(
-                f"adata.obsm[{features_key!r}] must be (n_obs, n_features); got {features.shape}."
+                f"adata.obsm[{features_key!r}] must be (n_obs, n_features) or (n_obs, n_views, "
+                f"n_features); got {features.shape}."
             )
         n_bad = int(np.count_nonzero(~np.isfinite(features)))
         if n_bad:

@@ -25,6 +25,7 @@ IMAGE = "image"
 IMAGE_WEAK = "image_weak"
 EXPRESSION = "expression"
 FEATURES = "features"
+FEATURES_WEAK = "features_weak"
 
 
 class RankByGeneModule(BaseModuleClass):
@@ -188,7 +189,7 @@ class RankByGeneModule(BaseModuleClass):
         # features: precomputed ones (features_key) or the frozen backbone's, computed once
         precomputed = FEATURES in tensors
         key = FEATURES if precomputed else IMAGE
-        weak = tensors.get(IMAGE_WEAK, tensors[key])
+        weak = tensors.get(FEATURES_WEAK if precomputed else IMAGE_WEAK, tensors[key])
         return {
             "images": tensors[key],
             "images_weak": weak,
