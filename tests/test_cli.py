@@ -36,6 +36,8 @@ def test_demo_writes_outputs(tmp_path):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["held_out_library"] == "slide_2"
+    # the packaged ImageNet encoder is part of the test extra, so the demo takes it
+    assert (summary["image_encoder"], summary["pretrained"]) == ("tf_efficientnet_lite0", "package")
     assert np.isfinite(summary["heldout_pearson_trained"])
     assert np.isfinite(summary["heldout_pearson_untrained"])
     adata = ad.read_h5ad(out / "adata.h5ad")
