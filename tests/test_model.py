@@ -111,6 +111,17 @@ def test_setup_rejects_bad_input_and_leaves_adata_alone(small, change, kwargs, e
     assert (set(adata.uns), set(adata.obsm), set(adata.obs.columns), set(adata.layers)) == before
 
 
+def test_setup_rejects_one_gene_and_repeated_gene_names(small):
+    one_gene = _fresh(small)[:, :1].copy()
+    with pytest.raises(ValueError, match="1 genes: too few"):
+        rbg.RankByGene.setup_anndata(one_gene, layer="counts", library_key="library_id")
+    repeated = _fresh(small)
+    repeated.var_names = [repeated.var_names[0], *repeated.var_names[:-1]]
+    with pytest.raises(ValueError, match="var_names repeat"):
+        rbg.RankByGene.setup_anndata(repeated, layer="counts", library_key="library_id")
+    assert not any(key.startswith("_scvi") for key in repeated.uns)
+
+
 def test_setup_rejects_nan_features(small):
     adata = _fresh(small)
     features = np.ones((adata.n_obs, 8), dtype=np.float32)

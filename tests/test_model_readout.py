@@ -99,3 +99,18 @@ def test_neighbor_context_helps_where_expression_follows_the_surroundings():
     assert scores[8] > scores[0] + 0.05  # measured: 0.165 -> 0.281
     with pytest.raises(ValueError, match="n_neighbors must be >= 1"):
         with_neighbor_context(x, coords, groups, 0)
+
+
+def test_mlp_read_out_leaves_the_global_random_state_alone():
+    import torch
+
+    from rankbygene.model._prediction import MlpPredictor
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype(np.float32)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = MlpPredictor(max_epochs=3).fit(x, x[:, :2]).predict(x)
+    assert torch.equal(torch.rand(3), expected)
+    np.testing.assert_array_equal(MlpPredictor(max_epochs=3).fit(x, x[:, :2]).predict(x), first)

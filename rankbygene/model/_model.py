@@ -891,8 +891,17 @@ def _validate_setup(
     """Every check of setup_anndata, before anything is written."""
     if not isinstance(adata, AnnData):
         raise TypeError(f"Expected an AnnData; got {type(adata).__name__}.")
-    if adata.n_obs < 2 or adata.n_vars < 1:
-        raise ValueError(f"AnnData has {adata.n_obs} spots and {adata.n_vars} genes: too few.")
+    if adata.n_obs < 2 or adata.n_vars < 2:
+        raise ValueError(
+            f"AnnData has {adata.n_obs} spots and {adata.n_vars} genes: too few (at least 2 "
+            "of each; with one gene every gene embedding is the same)."
+        )
+    if not adata.var_names.is_unique:
+        repeated = list(adata.var_names[adata.var_names.duplicated()].unique()[:5])
+        raise ValueError(
+            f"adata.var_names repeat (e.g. {repeated}): predictions are keyed by gene; call "
+            "adata.var_names_make_unique() first."
+        )
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not in adata.layers (layers: {list(adata.layers)}).")
     matrix = adata.X if layer is None else adata.layers[layer]

@@ -240,7 +240,12 @@ class MlpPredictor:
 
     def _train(self, x: torch.Tensor, y: torch.Tensor) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
+        # seeded initialisation and dropout without touching the caller's global RNG state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._fit_net(x, y, generator)
+
+    def _fit_net(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         self.net_ = nn.Sequential(
             nn.Linear(x.shape[1], self.hidden),
             nn.GELU(),
