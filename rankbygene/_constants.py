@@ -12,3 +12,6 @@ UNS_KEY = "rankbygene"
 SPATIAL_KEY = "spatial"
 SCALEFACTOR_SPOT_DIAMETER = "spot_diameter_fullres"
 METADATA_SOURCE_IMAGE = "source_image_path"
+#: ``obs`` column of each spot's library in squidpy's layout; preferred when ``library_key`` is
+#: left out and several columns name the libraries of ``uns["spatial"]``.
+LIBRARY_ID_KEY = "library_id"

@@ -7,21 +7,29 @@ of patches agrees, and every error about the layout names the key at fault befor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
-from rankbygene._constants import METADATA_SOURCE_IMAGE, SCALEFACTOR_SPOT_DIAMETER, SPATIAL_KEY
+from rankbygene._constants import (
+    LIBRARY_ID_KEY,
+    METADATA_SOURCE_IMAGE,
+    SCALEFACTOR_SPOT_DIAMETER,
+    SPATIAL_KEY,
+)
+from rankbygene._logging import logger
 from rankbygene.io._image import ImageReader, open_image
 
 __all__ = [
     "METADATA_PATCHES_PATH",
     "ImageSource",
     "image_sources",
+    "resolve_library_key",
     "spatial_coordinates",
     "spot_libraries",
 ]
@@ -162,6 +170,87 @@ def spot_libraries(adata: AnnData, library_key: str | None = None) -> np.ndarray
             "library_key, the obs column naming each spot's library."
         )
     return np.full(adata.n_obs, str(libraries[0]) if libraries else "0", dtype=object)
+
+
+def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str | None:
+    """The ``obs`` column naming each spot's library: ``library_key``, else found by its values.
+
+    With ``library_key=None`` and several libraries in ``uns["spatial"]``, the column whose
+    values are all library ids of ``uns["spatial"]`` is taken (squidpy names it
+    ``library_id``), and the choice is logged at INFO level. Every library need not appear
+    (a split of a multi-library AnnData keeps all of ``uns["spatial"]``). When several columns
+    qualify, ``library_id`` is preferred.
+
+    Parameters
+    ----------
+    adata
+        AnnData in the scanpy/squidpy spatial layout.
+    library_key
+        Returned as given when not ``None``.
+
+    Returns
+    -------
+    The column name, or ``None`` when ``uns["spatial"]`` holds at most one library.
+    ``library_key`` is returned unchanged when given, or when ``adata`` is no AnnData.
+
+    Raises
+    ------
+    ValueError
+        Several libraries and no column, or several columns other than ``library_id``, whose
+        values are library ids.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from anndata import AnnData
+    >>> from rankbygene._layout import resolve_library_key
+    >>> adata = AnnData(np.zeros((2, 1)))
+    >>> adata.uns["spatial"] = {"A1": {}, "B1": {}}
+    >>> adata.obs["sample"] = ["A1", "B1"]
+    >>> resolve_library_key(adata)
+    'sample'
+    """
+    if library_key is not None or not isinstance(adata, AnnData):
+        return library_key  # anything but an AnnData is for the caller's checks to report
+    spatial = adata.uns.get(SPATIAL_KEY)
+    if not isinstance(spatial, Mapping) or len(spatial) <= 1:
+        return None
+    libraries = {str(lib) for lib in spatial}
+    matches = [
+        str(column)
+        for column in adata.obs.columns
+        if _names_libraries(adata.obs[column], libraries)
+    ]
+    if not matches:
+        raise ValueError(
+            f"adata.uns[{SPATIAL_KEY!r}] holds {len(libraries)} libraries {sorted(libraries)} "
+            "and no obs column has them as values: pass library_key, the obs column naming "
+            "each spot's library."
+        )
+    if len(matches) > 1:
+        if LIBRARY_ID_KEY not in matches:
+            raise ValueError(
+                f"Several obs columns name the libraries of adata.uns[{SPATIAL_KEY!r}]: "
+                f"{matches}; pass library_key (one of them)."
+            )
+        matches = [LIBRARY_ID_KEY]
+    logger.info(
+        "library_key not given: using adata.obs[%r], whose values are the libraries of "
+        "adata.uns[%r]",
+        matches[0],
+        SPATIAL_KEY,
+    )
+    return matches[0]
+
+
+def _names_libraries(values: pd.Series, libraries: set[str]) -> bool:
+    """Every value is a library id (no missing values); unique values first, for speed."""
+    if values.isna().any():
+        return False
+    unique = pd.unique(values.to_numpy())
+    if len(unique) > len(libraries):
+        return False
+    return {str(v) for v in unique} <= libraries
 
 
 def image_sources(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from anndata import AnnData
 from rankbygene._layout import (
     ImageSource,
     image_sources,
+    resolve_library_key,
     spatial_coordinates,
     spot_libraries,
 )
@@ -152,3 +154,66 @@ def test_no_spatial_uns():
     del adata.uns["spatial"]
     with pytest.raises(KeyError, match=r"uns\['spatial'\] is missing"):
         image_sources(adata, ["a"])
+
+
+# ------------------------------------------------- library_key found from uns["spatial"]
+
+
+@pytest.fixture(scope="module")
+def three_slides() -> AnnData:
+    import rankbygene as rbg
+
+    return rbg.datasets.synthetic(n_slides=3, n_spots=30, n_genes=12, seed=1)
+
+
+def test_setup_takes_the_column_naming_the_libraries(three_slides, caplog):
+    import rankbygene as rbg
+
+    adata = three_slides.copy()
+    with caplog.at_level(logging.INFO, logger="rankbygene"):
+        rbg.RankByGene.setup_anndata(adata, layer="counts")
+    assert "using adata.obs['library_id']" in caplog.text
+    model = rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=8)
+    # training and embedding read the libraries from the column found at setup
+    assert model.library_key == "library_id"
+
+
+def test_library_column_of_another_name_and_a_split(three_slides):
+    adata = three_slides.copy()
+    adata.obs = adata.obs.rename(columns={"library_id": "sample"})
+    assert resolve_library_key(adata) == "sample"
+    # a split keeps every library in uns["spatial"]; its column names only some of them
+    split = adata[adata.obs["sample"] != "slide_2"].copy()
+    assert len(split.uns["spatial"]) == 3
+    assert resolve_library_key(split) == "sample"
+    np.testing.assert_array_equal(
+        spot_libraries(split, resolve_library_key(split)), split.obs["sample"].astype(str)
+    )
+
+
+def test_library_id_preferred_among_several_columns(three_slides):
+    adata = three_slides.copy()
+    adata.obs["sample"] = adata.obs["library_id"].astype(str)
+    assert resolve_library_key(adata) == "library_id"
+    assert resolve_library_key(adata, "sample") == "sample"  # given: used as is
+
+
+def test_ambiguous_or_missing_library_column_is_an_error(three_slides):
+    adata = three_slides.copy()
+    adata.obs["sample"] = adata.obs["library_id"].astype(str)
+    adata.obs = adata.obs.rename(columns={"library_id": "batch"})
+    with pytest.raises(ValueError, match=r"Several obs columns.*\['batch', 'sample'\]"):
+        resolve_library_key(adata)
+    del adata.obs["batch"], adata.obs["sample"]
+    adata.obs["half"] = np.where(np.arange(adata.n_obs) % 2, "slide_0", "elsewhere")
+    adata.obs["with_nan"] = pd.Series(["slide_0"] * adata.n_obs, index=adata.obs_names)
+    adata.obs.iloc[0, adata.obs.columns.get_loc("with_nan")] = None
+    with pytest.raises(ValueError, match="no obs column has them as values: pass library_key"):
+        resolve_library_key(adata)
+
+
+def test_one_library_needs_no_column():
+    adata = make_adata()
+    del adata.obs["library_id"]
+    assert resolve_library_key(adata) is None
+    np.testing.assert_array_equal(spot_libraries(adata), ["a"] * 4)

@@ -26,7 +26,12 @@ from torch import nn
 
 from rankbygene import __version__
 from rankbygene._constants import PREDICTED_LAYER_KEY, SPATIAL_KEY, UNS_KEY
-from rankbygene._layout import image_sources, spatial_coordinates, spot_libraries
+from rankbygene._layout import (
+    image_sources,
+    resolve_library_key,
+    spatial_coordinates,
+    spot_libraries,
+)
 from rankbygene.model._data import (
     FEATURES_REGISTRY_KEY,
     SPATIAL_REGISTRY_KEY,
@@ -230,7 +235,9 @@ class RankByGene(BaseModelClass):
         layer
             Layer with the expression (raw counts unless ``is_log_normalized``); ``None``: ``X``.
         library_key
-            ``obs`` column naming each spot's library (needed with several libraries).
+            ``obs`` column naming each spot's library. ``None`` with several libraries: the
+            column whose values are library ids of ``uns["spatial"]`` (``library_id`` when
+            several qualify), logged at INFO level.
         spatial_key
             ``obsm`` key of the spot centres in full-resolution pixels.
         image_key
@@ -248,6 +255,9 @@ class RankByGene(BaseModelClass):
         >>> adata = rbg.datasets.synthetic(n_slides=1, n_spots=50)
         >>> rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
         """
+        if "source_registry" not in kwargs:
+            # before the setup arguments are recorded, so that the model keeps the column found
+            library_key = resolve_library_key(adata, library_key)
         setup_method_args = cls._get_setup_method_args(**locals())
         if "source_registry" not in kwargs:
             _validate_setup(
