@@ -12,8 +12,11 @@ tile_slide
     ``rbg.pp.tile_slide``: tissue detection on a thumbnail and the grid of tiles.
 rbg embed, W workers
     The whole pipeline a user runs: ``tiles = rbg.pp.tile_slide(path)`` then
-    ``model.get_image_representation(tiles, num_workers=W)`` (read each tile from the pyramid,
-    resize, normalise, forward), timed from the file to the embeddings.
+    ``model.get_image_representation(tiles, num_workers=W, batch_size=B)`` (read each tile from
+    the pyramid, resize, normalise, forward), timed from the file to the embeddings.
+rbg embed, defaults
+    The same with ``model.get_image_representation(tiles)``: workers and batch size chosen by
+    the package from the machine (``rbg.model.inference_loader_settings``).
 bare forward
     The reference: the time spent in the model's image encoder (teacher backbone and projection
     head, ``module.embed_images``) on the same tiles in the same run (the 0-worker run, where
@@ -152,17 +155,20 @@ def worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     model = make_model(spec)
     base = _maxrss_mb()
     tile_args = {"tile_size_um": spec["tile_um"], "mpp": spec["mpp"]}
-    children = forward_seconds = None
+    children = forward_seconds = chosen = None
     start = time.perf_counter()
     if method == "tile":
         n = rbg.pp.tile_slide(spec["slide"], **tile_args).n_obs
     elif method.startswith("embed"):
-        workers = int(method.split("_")[1])
+        workers = None if method == "embed_default" else int(method.split("_")[1])
         forward_seconds = _time_forward(model.module, torch.device(spec["device"]))
         tiles = rbg.pp.tile_slide(spec["slide"], **tile_args)
-        embedding = model.get_image_representation(
-            tiles, batch_size=spec["batch_size"], num_workers=workers, progress=False
-        )
+        loader = {"batch_size": spec["batch_size"], "num_workers": workers}
+        if workers is None:
+            loader = rbg.model.inference_loader_settings(tiles.n_obs, None, None, model.device)
+            chosen = {k: loader[k] for k in ("batch_size", "num_workers")}
+            workers, loader = loader["num_workers"], {}
+        embedding = model.get_image_representation(tiles, progress=False, **loader)
         n = len(embedding)
         forward_seconds = forward_seconds[0]
         if workers:
@@ -176,6 +182,7 @@ def worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         "peak_mb": _maxrss_mb(),
         "base_mb": base,
         "children_mb": children,
+        "chosen": chosen,
     }
 
 
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         workers = [0] + [w for w in args.workers if w != 0]
         results = {}
-        for method in ["tile"] + [f"embed_{w}" for w in workers]:
+        for method in ["tile"] + [f"embed_{w}" for w in workers] + ["embed_default"]:
             result = run_subprocess(method, spec)
             if result is None:
                 return 1
@@ -282,6 +289,8 @@ def run_subprocess(method: str, spec: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def label(method: str) -> str:
+    if method == "embed_default":
+        return "rbg embed, defaults"
     if method.startswith("embed"):
         return f"rbg embed, {method.split('_')[1]} workers"
     return {"tile": "tile_slide", "forward": "bare forward", "rest": "read + resize + normalise"}[
@@ -320,6 +329,12 @@ def print_table(results: dict[str, Any], spec: dict[str, Any]) -> None:
             f"{label(method):26} {row['n']:7d} {row['seconds']:8.1f} {rate:9.1f} "
             f"{rate / ref_rate:9.2f} {memory} {workers:>10}"
         )
+    chosen = results["embed_default"]["chosen"]
+    print(
+        f"\ndefaults chose batch {chosen['batch_size']} and {chosen['num_workers']} workers "
+        f"on this machine: {results['embed_default']['seconds']:.1f} s against "
+        f"{embed['forward_seconds']:.1f} s of bare forward."
+    )
     print(
         "\nx forward: throughput over the bare forward's (tile_slide: tiles found per second). "
         "bare forward and read + resize + normalise split the 0-worker run. peak RSS: the "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 # Written by the package, and only these.
 IMAGE_EMBEDDING_KEY = "X_rankbygene"
 GENE_EMBEDDING_KEY = "X_rankbygene_gene"
@@ -15,3 +17,18 @@ METADATA_SOURCE_IMAGE = "source_image_path"
 #: ``obs`` column of each spot's library in squidpy's layout; preferred when ``library_key`` is
 #: left out and several columns name the libraries of ``uns["spatial"]``.
 LIBRARY_ID_KEY = "library_id"
+
+
+class BatchKeys(NamedTuple):
+    """Keys of the per-spot tensors in a mini-batch (datasets produce them, the module reads)."""
+
+    image: str = "image"
+    image_weak: str = "image_weak"
+    expression: str = "expression"
+    features: str = "features"
+    features_weak: str = "features_weak"
+    index: str = "index"
+
+
+#: The one definition of the mini-batch keys, as scvi-tools' ``REGISTRY_KEYS``.
+BATCH_KEYS = BatchKeys()

@@ -343,8 +343,10 @@ def test_frozen_backbone_trains_only_the_heads_and_round_trips(small, tmp_path):
 
 
 def test_feature_views_student_sees_augmented_views_teacher_the_plain_one():
+    from rankbygene.data import BATCH_KEYS
     from rankbygene.model._data import SpotViews
-    from rankbygene.model._module import FEATURES, FEATURES_WEAK
+
+    FEATURES, FEATURES_WEAK = BATCH_KEYS.features, BATCH_KEYS.features_weak
 
     features = np.arange(5 * 4 * 2, dtype=np.float32).reshape(5, 4, 2)  # 5 spots, 4 views
     train = SpotViews(np.arange(5), features=features, random_views=True)
@@ -535,3 +537,51 @@ def test_real_sections_train_end_to_end():
     assert embedding.shape == (adata.n_obs, 16)
     assert np.isfinite(embedding).all()
     assert model.get_gene_representation().shape == (adata.n_obs, 16)
+
+
+# -- inference loader defaults ------------------------------------------------------------------
+
+
+def test_inference_loader_settings_follow_the_machine(monkeypatch):
+    from rankbygene.model import _data
+
+    monkeypatch.setattr(_data, "available_cpus", lambda: 4)
+    monkeypatch.setattr(sys, "platform", "linux")
+    cpu = _data.inference_loader_settings(10_000, None, None, "cpu")
+    assert cpu == {"batch_size": 128, "num_workers": 3, "multiprocessing_context": "fork"}
+    gpu = _data.inference_loader_settings(10_000, None, None, "cuda")
+    assert gpu["batch_size"] == 256
+    assert gpu["num_workers"] == 4
+    # too little work, precomputed features, or no fork: no worker processes
+    assert _data.inference_loader_settings(200, None, None, "cpu")["num_workers"] == 0
+    features = _data.inference_loader_settings(10_000, None, None, "cpu", reads_images=False)
+    assert features["num_workers"] == 0
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _data.inference_loader_settings(10_000, None, None, "cpu")["num_workers"] == 0
+    # what the caller asks for is kept
+    explicit = _data.inference_loader_settings(10, 7, 2, "cpu")
+    assert explicit == {"batch_size": 7, "num_workers": 2, "multiprocessing_context": None}
+    with pytest.raises(ValueError, match="num_workers"):
+        _data.inference_loader_settings(10, 7, -1, "cpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        _data.inference_loader_settings(10, 0, 0, "cpu")
+
+
+def test_default_workers_give_the_same_embeddings(tiny_model, monkeypatch):
+    from rankbygene.model import _data
+
+    monkeypatch.setattr(_data, "available_cpus", lambda: 2)
+    used = []
+    original = _data.inference_loader_settings
+
+    def recording(*args, **kwargs):
+        used.append(original(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(_data, "inference_loader_settings", recording)
+    auto = tiny_model.get_image_representation(batch_size=8)  # 30 spots: 4 batches
+    serial = tiny_model.get_image_representation(batch_size=8, num_workers=0)
+    expected = 1 if sys.platform.startswith("linux") else 0
+    assert used[0]["num_workers"] == expected
+    assert used[1]["num_workers"] == 0
+    np.testing.assert_allclose(auto, serial, atol=1e-6)

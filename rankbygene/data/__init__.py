@@ -1,5 +1,6 @@
 """Patch pipeline: per-spot image patches, their caches, augmentations and a torch Dataset."""
 
+from rankbygene._constants import BATCH_KEYS, BatchKeys
 from rankbygene.data._dataset import SpotPatchDataset
 from rankbygene.data._patches import PatchExtractor
 from rankbygene.data._transforms import (
@@ -15,8 +16,10 @@ from rankbygene.data._transforms import (
 )
 
 __all__ = [
+    "BATCH_KEYS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BatchKeys",
     "PatchExtractor",
     "PatchTransform",
     "RandomHEDJitter",

@@ -10,12 +10,13 @@ import torch
 from scipy import sparse
 from torch.utils.data import Dataset
 
+from rankbygene._constants import BATCH_KEYS
 from rankbygene.data._patches import PatchExtractor
 from rankbygene.data._transforms import eval_transform, strong_transform, weak_transform
 
 __all__ = ["SpotPatchDataset"]
 
-_RESERVED = ("image", "image_weak", "expression", "index")
+_RESERVED = (BATCH_KEYS.image, BATCH_KEYS.image_weak, BATCH_KEYS.expression, BATCH_KEYS.index)
 
 Transform = Callable[[np.ndarray], torch.Tensor]
 
@@ -88,12 +89,12 @@ class SpotPatchDataset(Dataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
         patch = self.patches[i]
-        out = {"image": self.transforms[0](patch)}
+        out = {BATCH_KEYS.image: self.transforms[0](patch)}
         if self.n_views == 2:
-            out["image_weak"] = self.transforms[1](patch)
+            out[BATCH_KEYS.image_weak] = self.transforms[1](patch)
         if self.expression is not None:
-            out["expression"] = torch.from_numpy(self._expression_row(i))
-        out["index"] = torch.tensor(i, dtype=torch.int64)
+            out[BATCH_KEYS.expression] = torch.from_numpy(self._expression_row(i))
+        out[BATCH_KEYS.index] = torch.tensor(i, dtype=torch.int64)
         for name, values in self.extra.items():
             out[name] = torch.as_tensor(np.asarray(values[i]))
         return out

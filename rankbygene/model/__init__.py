@@ -1,5 +1,6 @@
 """The RankByGene model (scvi-tools API), its module, training plan, encoders and losses."""
 
+from rankbygene.model._data import inference_loader_settings
 from rankbygene.model._encoders import Backbone, ProjectionHead, create_backbone
 from rankbygene.model._model import RankByGene
 from rankbygene.model._module import RankByGeneModule
@@ -20,6 +21,7 @@ __all__ = [
     "RankByGeneModule",
     "RankByGeneTrainingPlan",
     "create_backbone",
+    "inference_loader_settings",
     "load_packaged_weights",
     "packaged_weights_path",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +15,7 @@ from anndata import AnnData
 from scipy import sparse
 from torch.utils.data import DataLoader, Dataset
 
+from rankbygene._constants import BATCH_KEYS
 from rankbygene.data import (
     PatchExtractor,
     eval_transform,
@@ -20,14 +23,12 @@ from rankbygene.data import (
     strong_transform,
     weak_transform,
 )
-from rankbygene.model._module import EXPRESSION, FEATURES, FEATURES_WEAK, IMAGE, IMAGE_WEAK
 
 if TYPE_CHECKING:
     from rankbygene.model._model import RankByGene
 
 SPATIAL_REGISTRY_KEY = "spatial"
 FEATURES_REGISTRY_KEY = "features"
-INDEX = "index"
 
 
 class SpotViews(Dataset):
@@ -59,23 +60,23 @@ class SpotViews(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i = int(self.indices[item])
-        out: dict[str, torch.Tensor] = {INDEX: torch.tensor(i)}
+        out: dict[str, torch.Tensor] = {BATCH_KEYS.index: torch.tensor(i)}
         if self.features is not None and self.features.ndim == 3:
             n_views = self.features.shape[1]
             view = int(torch.randint(1, n_views, ())) if self.random_views and n_views > 1 else 0
-            out[FEATURES] = torch.from_numpy(self.features[i, view])
-            out[FEATURES_WEAK] = torch.from_numpy(self.features[i, 0])
+            out[BATCH_KEYS.features] = torch.from_numpy(self.features[i, view])
+            out[BATCH_KEYS.features_weak] = torch.from_numpy(self.features[i, 0])
         elif self.features is not None:
-            out[FEATURES] = torch.from_numpy(self.features[i])
+            out[BATCH_KEYS.features] = torch.from_numpy(self.features[i])
         else:
             patch = self.patches[i]
-            keys = (IMAGE, IMAGE_WEAK)
+            keys = (BATCH_KEYS.image, BATCH_KEYS.image_weak)
             for key, transform in zip(keys, self.transforms, strict=False):
                 out[key] = transform(patch)
         if self.expression is not None:
             row = self.expression[i]
             row = row.toarray().ravel() if sparse.issparse(row) else np.asarray(row).ravel()
-            out[EXPRESSION] = torch.as_tensor(row, dtype=torch.float32)
+            out[BATCH_KEYS.expression] = torch.as_tensor(row, dtype=torch.float32)
         return out
 
 
@@ -189,18 +190,87 @@ def make_patch_extractor(
     )
 
 
+# Below this many batches, starting a worker process costs more than it saves.
+MIN_BATCHES_FOR_WORKERS = 3
+MAX_AUTO_WORKERS = 8
+GPU_INFERENCE_BATCH_SIZE = 256
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (the affinity mask in containers and batch jobs)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def inference_loader_settings(
+    n_items: int,
+    batch_size: int | None,
+    num_workers: int | None,
+    device: str | torch.device,
+    reads_images: bool = True,
+) -> dict[str, Any]:
+    """DataLoader settings of an inference pass, chosen from the machine where ``None``.
+
+    Batch size: ``scvi.settings.batch_size`` on the CPU, at least 256 on a GPU. Workers: one per
+    spare core on the CPU (the forward pass keeps the main process busy), one per core next to a
+    GPU, at most 8; none for precomputed features or for loaders of fewer than 3 batches. Chosen
+    workers start by ``fork`` (Linux): elsewhere, and in Python versions whose default start
+    method re-imports the caller's script in each worker, no workers are chosen unless asked for.
+
+    Returns
+    -------
+    ``batch_size``, ``num_workers`` and ``multiprocessing_context`` for :class:`DataLoader`.
+
+    Examples
+    --------
+    >>> inference_loader_settings(10_000, None, None, "cpu")  # doctest: +SKIP
+    {'batch_size': 128, 'num_workers': 1, 'multiprocessing_context': 'fork'}
+    """
+    from scvi import settings
+
+    on_gpu = torch.device(device).type == "cuda"
+    if batch_size is None:
+        batch_size = max(settings.batch_size, GPU_INFERENCE_BATCH_SIZE if on_gpu else 0)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    context = None
+    if num_workers is None:
+        n_batches = -(-n_items // batch_size)
+        can_fork = sys.platform.startswith("linux")
+        num_workers = 0
+        if reads_images and can_fork and n_batches >= MIN_BATCHES_FOR_WORKERS:
+            spare = available_cpus() - (0 if on_gpu else 1)
+            num_workers = max(0, min(spare, MAX_AUTO_WORKERS))
+            context = "fork" if num_workers else None
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
+    return {
+        "batch_size": int(batch_size),
+        "num_workers": int(num_workers),
+        "multiprocessing_context": context,
+    }
+
+
 def image_loader(
     model: RankByGene,
     adata: AnnData,
     indices: Sequence[int] | None,
-    batch_size: int,
+    batch_size: int | None,
     library_key: str | None,
-    num_workers: int,
+    num_workers: int | None,
     out_of_bounds: str,
     augmented: bool = False,
 ) -> DataLoader:
-    """Loader of patches (plain or a stain view), or plain features, for the image getter."""
+    """Loader of patches (plain or a stain view), or plain features, for the image getter.
+
+    ``batch_size``/``num_workers`` of ``None`` are chosen by :func:`inference_loader_settings`.
+    """
     idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
+    loader_settings = inference_loader_settings(
+        len(idx), batch_size, num_workers, model.device, reads_images=model.features_key is None
+    )
     if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
         raise IndexError(f"indices must lie in [0, {adata.n_obs}); got {idx.min()}..{idx.max()}.")
     if model.features_key is not None:
@@ -231,9 +301,5 @@ def image_loader(
             idx, patches=patches, transforms=[make(model.image_mean, model.image_std)]
         )
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        dataset, shuffle=False, pin_memory=torch.cuda.is_available(), **loader_settings
     )

@@ -455,7 +455,7 @@ class RankByGene(BaseModelClass):
         batch_size: int | None = None,
         kind: Literal["embedding", "backbone"] = "embedding",
         library_key: str | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         out_of_bounds: Literal["raise", "pad"] = "pad",
         progress: bool | None = None,
         augmented: bool = False,
@@ -473,7 +473,7 @@ class RankByGene(BaseModelClass):
         indices
             Spots to embed (default: all).
         batch_size
-            Spots per forward pass (default ``scvi.settings.batch_size``).
+            Spots per forward pass (default: ``scvi.settings.batch_size``, at least 256 on a GPU).
         kind
             ``"embedding"``: the L2-normalised projected embedding (``n_latent``);
             ``"backbone"``: the backbone features.
@@ -481,7 +481,8 @@ class RankByGene(BaseModelClass):
             ``obs`` column of libraries in ``adata`` (default: the one given at setup when
             ``adata`` has it).
         num_workers
-            DataLoader workers.
+            DataLoader workers reading patches while the encoder runs (default: one per spare
+            CPU core, up to 8, on Linux for more than two batches; otherwise none).
         out_of_bounds
             Patches leaving the image are padded (default) or raise.
         progress
@@ -509,7 +510,7 @@ class RankByGene(BaseModelClass):
             self,
             adata,
             indices=indices,
-            batch_size=batch_size or settings.batch_size,
+            batch_size=batch_size,
             library_key=library_key,
             num_workers=num_workers,
             out_of_bounds=out_of_bounds,
@@ -526,12 +527,16 @@ class RankByGene(BaseModelClass):
         key = "features" if module.uses_features else "image"
         show = len(loader) > 10 if progress is None else progress
         use_amp = torch.device(device).type == "cuda"
+        # bf16 where the GPU has it: fp16's range can overflow in large backbones
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else None
         outputs = []
         for batch in tqdm(loader, desc="Embedding", disable=not show, unit="batch"):
             images = batch[key].to(device, non_blocking=True)
             if use_amp and images.ndim == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=torch.device(device).type, enabled=use_amp):
+            with torch.autocast(
+                device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp
+            ):
                 out = module.embed_images(images, teacher=True, kind=kind)
             outputs.append(out.float().cpu().numpy())
         if not outputs:
@@ -598,7 +603,7 @@ class RankByGene(BaseModelClass):
         representation: Literal["embedding", "backbone"] = "embedding",
         library_key: str | None = None,
         batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         alpha: float | None = None,
         n_components: int | None = None,
         neighbor_context: int = 0,
@@ -627,7 +632,8 @@ class RankByGene(BaseModelClass):
         library_key
             ``obs`` column of libraries in ``adata`` (default: the setup one, when present).
         batch_size, num_workers
-            For the image forward passes.
+            For the image forward passes (default: chosen from the machine, as in
+            :meth:`get_image_representation`).
         alpha
             Ridge penalty; ``None`` chooses it on a wide grid by leave-one-library-out
             cross-validation (mean Pearson r) when the reference has several libraries, else by

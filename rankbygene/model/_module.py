@@ -9,6 +9,7 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput
 from torch import nn
 
+from rankbygene._constants import BATCH_KEYS
 from rankbygene.model._ema import make_teacher, update_ema
 from rankbygene.model._encoders import Backbone, ProjectionHead
 from rankbygene.model._losses import (
@@ -20,12 +21,6 @@ from rankbygene.model._losses import (
     rank_agreement,
     ranking_consistency_loss,
 )
-
-IMAGE = "image"
-IMAGE_WEAK = "image_weak"
-EXPRESSION = "expression"
-FEATURES = "features"
-FEATURES_WEAK = "features_weak"
 
 
 class RankByGeneModule(BaseModuleClass):
@@ -187,13 +182,14 @@ class RankByGeneModule(BaseModuleClass):
     # -- scvi-tools module interface ------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
         # features: precomputed ones (features_key) or the frozen backbone's, computed once
-        precomputed = FEATURES in tensors
-        key = FEATURES if precomputed else IMAGE
-        weak = tensors.get(FEATURES_WEAK if precomputed else IMAGE_WEAK, tensors[key])
+        precomputed = BATCH_KEYS.features in tensors
+        key = BATCH_KEYS.features if precomputed else BATCH_KEYS.image
+        weak_key = BATCH_KEYS.features_weak if precomputed else BATCH_KEYS.image_weak
+        weak = tensors.get(weak_key, tensors[key])
         return {
             "images": tensors[key],
             "images_weak": weak,
-            "expression": tensors[EXPRESSION],
+            "expression": tensors[BATCH_KEYS.expression],
             "precomputed": precomputed,
         }
 

@@ -83,7 +83,7 @@ def embed_slides(
     mpp: float | None = None,
     kind: Literal["embedding", "backbone"] = "embedding",
     batch_size: int | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
     **tile_kwargs: Any,
@@ -112,7 +112,8 @@ def embed_slides(
     kind
         ``"embedding"`` (projected, L2-normalised) or ``"backbone"`` features.
     batch_size, num_workers
-        Of the embedding DataLoader (``num_workers`` processes read tiles in parallel).
+        Of the embedding DataLoader (``num_workers`` processes read tiles in parallel);
+        default: chosen from the machine, as in :meth:`RankByGene.get_image_representation`.
     overwrite
         Redo slides already done (also those done with other settings, which otherwise raise).
     progress
