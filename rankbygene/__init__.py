@@ -3,7 +3,9 @@
 Submodules follow scanpy: :mod:`~rankbygene.pp` (preprocessing), :mod:`~rankbygene.tl` (tools),
 :mod:`~rankbygene.pl` (plots), :mod:`~rankbygene.io` (readers), :mod:`~rankbygene.datasets`; the
 model is :class:`~rankbygene.RankByGene` (scvi-tools API). Heavy submodules load on first use,
-so ``import rankbygene`` stays quick.
+so ``import rankbygene`` stays quick. ``rankbygene.settings.verbosity`` (or
+:func:`~rankbygene.set_verbosity`) sets how much the package logs; by default only its
+warnings show.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+from rankbygene._logging import Settings, get_verbosity, set_verbosity, settings
 
 try:
     __version__ = version("rankbygene")
@@ -20,7 +24,15 @@ except PackageNotFoundError:  # running from a source tree without installation
 _SUBMODULES = {"data", "datasets", "io", "losses", "model", "pl", "pp", "tl"}
 _MODEL_NAMES = {"RankByGene": "rankbygene.model"}
 
-__all__ = ["RankByGene", "__version__", *sorted(_SUBMODULES)]
+__all__ = [
+    "RankByGene",
+    "Settings",
+    "__version__",
+    "get_verbosity",
+    "set_verbosity",
+    "settings",
+    *sorted(_SUBMODULES),
+]
 
 
 def __getattr__(name: str) -> Any:

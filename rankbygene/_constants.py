@@ -18,6 +18,21 @@ METADATA_SOURCE_IMAGE = "source_image_path"
 #: left out and several columns name the libraries of ``uns["spatial"]``.
 LIBRARY_ID_KEY = "library_id"
 
+# Logging.
+LOGGER_NAME = "rankbygene"
+#: Lightning's advertisement lines start with this; its loggers that emit them.
+LIGHTNING_TIP_PREFIX = "💡 Tip"
+LIGHTNING_RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+#: (category, emitting module) of third-party warnings raised on import that say nothing about
+#: the user's code: docrep's complaints about squidpy's docstrings.
+QUIET_IMPORT_WARNINGS = ((SyntaxWarning, r"docrep(\.|$)"),)
+#: (category, emitting module) of third-party warnings the command line drops while it runs:
+#: Lightning 2.6 calling an API that PyTorch deprecated.
+QUIET_RUN_WARNINGS = ((FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),)
+
 
 class BatchKeys(NamedTuple):
     """Keys of the per-spot tensors in a mini-batch (datasets produce them, the module reads)."""

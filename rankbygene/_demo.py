@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
 
 from rankbygene._constants import GENE_EMBEDDING_KEY, IMAGE_EMBEDDING_KEY
-from rankbygene._logging import logger
+from rankbygene._logging import quiet_third_party_imports
 
 
 def run_demo(
@@ -37,16 +40,72 @@ def run_demo(
     installed (``pretrained="package"``), else trains ResNet-18 from scratch; the summary and
     the first line printed say which.
 
+    Outputs are written only on success: into a hidden folder beside ``out``, moved into place
+    at the end (replacing earlier outputs of the same names; other files in ``out`` stay). On
+    an error or an interrupt nothing is left behind.
+
     Returns
     -------
     The summary dictionary.
+
+    Raises
+    ------
+    FileExistsError
+        ``out`` exists and is not a folder.
+
+    Examples
+    --------
+    >>> from rankbygene._demo import run_demo
+    >>> summary = run_demo("demo", max_epochs=1, n_spots=40, progress=False)  # doctest: +SKIP
     """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder: the demo writes a folder there.")
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target, so that the final move is a rename on the same file system.
+    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir()
+    try:
+        summary = _run_demo(
+            staging,
+            her2st=her2st,
+            max_epochs=max_epochs,
+            image_encoder=image_encoder,
+            input_size=input_size,
+            n_spots=n_spots,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    _print(f"wrote {', '.join(summary['outputs'])} to {out}/")
+    return summary
+
+
+def _run_demo(
+    out: Path,
+    her2st: str | Path | None,
+    max_epochs: int,
+    image_encoder: str | None,
+    input_size: int,
+    n_spots: int,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> dict:
     import scvi
 
     import rankbygene as rbg
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     scvi.settings.seed = seed
     started = time.perf_counter()
     if her2st is None:
@@ -91,6 +150,7 @@ def run_demo(
         train_size=0.9,
         accelerator="cpu" if _cpu_only() else "auto",
         enable_progress_bar=progress,
+        **_no_integration_tips(),
     )
     train_seconds = time.perf_counter() - t0
     trained = _heldout_pearson(model, test)
@@ -122,8 +182,33 @@ def run_demo(
         f"held-out {held_out}: mean Pearson r over genes {trained:.3f} trained vs "
         f"{untrained:.3f} untrained (ridge on the image embedding)"
     )
-    _print(f"wrote {', '.join(summary['outputs'])} to {out}/")
     return summary
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished folder to ``out``, or move its files into an existing ``out``."""
+    try:
+        staging.rename(out)
+        return
+    except OSError:  # out exists (with earlier outputs, or the user's files)
+        pass
+    for path in staging.iterdir():
+        target = out / path.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    staging.rmdir()
+
+
+def _no_integration_tips() -> dict:
+    """``suggest_integrations=False`` where Lightning's Trainer takes it (after 2.6)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    if "suggest_integrations" in inspect.signature(Trainer.__init__).parameters:
+        return {"suggest_integrations": False}
+    return {}
 
 
 def _choose_encoder(image_encoder: str | None) -> tuple[str, str | bool]:
@@ -176,9 +261,12 @@ def _plot_slide(adata: AnnData, library_id: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import squidpy as sq
 
-    one = adata[adata.obs["library_id"] == library_id]
+    with quiet_third_party_imports():
+        import squidpy as sq
+
+    # a copy: squidpy stores the colours in uns, which would turn a view into a copy with a warning
+    one = adata[adata.obs["library_id"] == library_id].copy()
     color = "region" if "region" in one.obs else None
     sq.pl.spatial_scatter(one, library_id=library_id, color=color, img_res_key="lowres")
     plt.savefig(path, dpi=100, bbox_inches="tight")
@@ -226,5 +314,5 @@ def _write_h5ad(adata: AnnData, path: Path) -> None:
 
 
 def _print(message: str) -> None:
-    logger.info(message)
+    # the demo's results, for the user: stdout (logging them too would print them twice)
     print(message, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
+import rankbygene
 from rankbygene.__main__ import main
 
 
@@ -58,6 +60,106 @@ def test_command_is_installed():
     assert "--her2st" in result.stdout
 
 
-def test_unknown_command_fails():
-    with pytest.raises(SystemExit):
-        main(["nonsense"])
+TINY = ["--epochs", "1", "--n-spots", "40", "--input-size", "32", "--no-progress"]
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"rankbygene {rankbygene.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["nonsense"], "invalid choice: 'nonsense'"),
+        (["demo", "--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+        (["--verbosity", "loud", "demo"], "Unknown verbosity 'loud'"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("rankbygene: error: ")
+    assert match in err
+
+
+def test_runtime_error_is_one_line_and_leaves_no_outputs(tmp_path, capsys):
+    # an existing folder keeps exactly what it had
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / "summary.json").write_text("{}")
+    # the encoder fails after slide.png and patches.png were made
+    code = main(["demo", "--out", str(out), "--encoder", "no_such_net", *TINY])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "rankbygene: error: timm does not know the image encoder 'no_such_net'."
+    )
+    assert {p.name for p in out.iterdir()} == {"keep.txt", "summary.json"}
+    assert (out / "summary.json").read_text() == "{}"
+    # a new folder (and its missing parents) is not created
+    new = tmp_path / "a" / "b" / "demo"
+    assert main(["demo", "--out", str(new), "--encoder", "no_such_net", *TINY]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_debug_prints_the_traceback(tmp_path, capsys):
+    missing = tmp_path / "no_her2st"
+    argv = ["demo", "--out", str(tmp_path / "out"), "--her2st", str(missing)]
+    assert main(["--debug", *argv]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("rankbygene: error: ")
+    assert main([*argv, "--debug"]) == 1  # also after the command
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_error_exit_code_of_the_installed_command(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rankbygene",
+            "demo",
+            "--out",
+            str(tmp_path / "out"),
+            "--her2st",
+            str(tmp_path / "no_her2st"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [f"rankbygene: error: her2st folder not found: {tmp_path / 'no_her2st'}"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_demo_output_is_quiet(tmp_path):
+    """One line per event: no repeats, no advertisements, no third-party SyntaxWarnings."""
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "rankbygene", "demo", "--out", str(out), *TINY],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    repeated = [a for a, b in itertools.pairwise(lines) if a == b]
+    assert not repeated, repeated
+    # the demo's own lines go to stdout once, not also through the log on stderr
+    assert not set(result.stdout.splitlines()) & set(result.stderr.splitlines()), lines
+    for foreign in ("Tip", "litlogger", "lightning.ai", "SyntaxWarning", "Warning:", "Traceback"):
+        assert not [line for line in lines if foreign in line], (foreign, lines)
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in lines
+    assert result.stdout.splitlines()[-1] == (
+        f"wrote adata.h5ad, loss.png, patches.png, slide.png, summary.json to {out}/"
+    )

@@ -11,6 +11,7 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 
 from rankbygene._constants import PREDICTED_LAYER_KEY
+from rankbygene._logging import quiet_third_party_imports
 from rankbygene._metrics import log_normalize, pearson_per_gene
 from rankbygene.pl._utils import new_axes, show_or_save
 
@@ -72,7 +73,8 @@ def expression_maps(
     >>> model.predict_expression(test)
     >>> rbg.pl.expression_maps(test, ["ERBB2", "KRT19"], library_key="library_id")
     """
-    import squidpy as sq
+    with quiet_third_party_imports():
+        import squidpy as sq
 
     genes = [genes] if isinstance(genes, str) else list(genes)
     if layer_pred not in adata.layers:

@@ -7,14 +7,16 @@ from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
-import squidpy as sq
 from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
 from rankbygene._constants import SPATIAL_KEY
-from rankbygene._logging import logger
+from rankbygene._logging import logger, quiet_third_party_imports
 from rankbygene.pp._normalize import _get_matrix, _values, _where
+
+with quiet_third_party_imports():
+    import squidpy as sq
 
 __all__ = ["smooth_expression"]
 
