@@ -292,6 +292,47 @@ def test_truncated_jpeg_fails_on_decode(tmp_path: Path, image: np.ndarray) -> No
         reader.read_region(0, 0, 10, 10)
 
 
+def test_truncated_png_is_named(tmp_path: Path, image: np.ndarray) -> None:
+    path = tmp_path / "cut.png"
+    Image.fromarray(image).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    reader = open_image(path)
+    for read in (lambda: reader.thumbnail(50), lambda: reader.read_region(0, 0, 10, 10)):
+        with pytest.raises(ValueError, match=r"cut\.png: it looks truncated or corrupt") as info:
+            read()
+        assert isinstance(info.value.__cause__, OSError)
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_truncated_pyramidal_tiff_is_named(tmp_path: Path, image: np.ndarray, tiled: bool) -> None:
+    # the header and tags survive (written first), the pixel data is cut: the decoder fails
+    # (a bare imagecodecs DeflateError before) only when pixels are read
+    path = tmp_path / "cut.tif"
+    layout = {"tile": (32, 32)} if tiled else {"rowsperstrip": 16}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=1, photometric="rgb", compression="zlib", **layout)
+        small = image[::2, ::2].copy()
+        tif.write(small, subfiletype=1, photometric="rgb", compression="zlib", **layout)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    reader = open_image(path)
+    assert reader.shape == image.shape[:2]
+    with pytest.raises(ValueError, match=r"cut\.tif: it looks truncated or corrupt"):
+        reader.read_region(0, 0, image.shape[1], image.shape[0])
+    with pytest.raises(ValueError, match=r"cut\.tif: it looks truncated or corrupt"):
+        open_image(path).thumbnail(50)
+
+
+def test_missing_file_during_read_is_not_called_corrupt(tmp_path: Path, image: np.ndarray) -> None:
+    path = tmp_path / "gone.png"
+    Image.fromarray(image).save(path)
+    reader = open_image(path)
+    path.unlink()  # e.g. a network share that went away
+    with pytest.raises(FileNotFoundError):
+        reader.read_region(0, 0, 10, 10)
+
+
 def test_unknown_backend(tmp_path: Path, image: np.ndarray) -> None:
     path = tmp_path / "he.png"
     Image.fromarray(image).save(path)
@@ -531,8 +572,9 @@ def test_tiff_corrupt_chunk_raises_and_keeps_the_chunk_reader(tmp_path: Path) ->
     data[offset : offset + 16] = b"\x00" * 16  # the first tile is no longer a zlib stream
     path.write_bytes(bytes(data))
     reader = TiffImage(path)
-    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever the store raises, as before
+    with pytest.raises(ValueError, match=r"slide\.tif: it looks truncated or corrupt") as info:
         reader.read_region(0, 0, 10, 10)
+    assert info.value.__cause__ is not None  # the decoder's own error, chained
     assert reader._grids[0] is not None  # the file is at fault, not the chunk reader
     np.testing.assert_array_equal(reader.read_region(40, 40, 20, 20), image[40:60, 40:60])
 

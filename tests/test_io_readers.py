@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import warnings
+import zlib
 from pathlib import Path
 
 import anndata
@@ -372,6 +373,59 @@ def test_bad_count_values(tmp_path: Path, value: object, message: str) -> None:
     _rewrite_counts(counts, edit)
     with pytest.raises(ValueError, match=message):
         read_st(counts, spots, image)
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "header only":
+        data = data[:5]
+    else:  # one flipped byte in the compressed stream: zlib or gzip's CRC check fails
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "header only", "flipped"])
+def test_damaged_count_table_is_named(tmp_path: Path, how: str) -> None:
+    genes = tuple(f"G{i}" for i in range(60))
+    counts, spots, image = _write_st(tmp_path, n_x=12, n_y=10, genes=genes)
+    _damage(counts, how)
+    with pytest.raises(
+        ValueError, match=r"count table .*S1\.tsv\.gz.*truncated or corrupt"
+    ) as info:
+        read_st(counts, spots, image)
+    # the decoder's own error, chained
+    assert isinstance(info.value.__cause__, EOFError | OSError | zlib.error)
+
+
+def test_damaged_gzipped_spot_file_is_named(tmp_path: Path) -> None:
+    counts, spots, image = _write_st(tmp_path, n_x=12, n_y=10)
+    zipped = tmp_path / "S1_selection.tsv.gz"
+    with gzip.open(zipped, "wb") as handle:
+        handle.write(spots.read_bytes())
+    _damage(zipped, "truncated")
+    with pytest.raises(
+        ValueError, match=r"spot file .*S1_selection\.tsv\.gz.*truncated or corrupt"
+    ):
+        read_st(counts, zipped, image)
+
+
+def test_reading_file_wraps_decoder_errors_only(tmp_path: Path) -> None:
+    from rankbygene.io._errors import reading_file
+
+    path = tmp_path / "cut.gz"
+    path.write_bytes(gzip.compress(b"spot\tG1\n" * 1000)[:40])
+    message = r"table .*cut\.gz: it looks truncated or corrupt"
+    with pytest.raises(ValueError, match=message) as info, reading_file(path, "table"):
+        gzip.decompress(path.read_bytes())
+    assert isinstance(info.value.__cause__, EOFError)
+    with pytest.raises(ValueError, match=r"cut\.gz"), reading_file(path):
+        zlib.decompress(b"not zlib")
+    with pytest.raises(FileNotFoundError), reading_file(path):  # missing files are not corrupt
+        (tmp_path / "gone.gz").read_bytes()
+    with pytest.raises(KeyError), reading_file(path):  # nor are other errors
+        raise KeyError("x")
 
 
 def test_spots_outside_image(tmp_path: Path) -> None:

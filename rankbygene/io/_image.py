@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from rankbygene._logging import logger
+from rankbygene.io._errors import corrupt_file_error, is_decoder_error, reading_file
 
 __all__ = ["ArrayImage", "ImageReader", "OpenSlideImage", "PILImage", "TiffImage", "open_image"]
 
@@ -30,6 +31,9 @@ _TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".ome.tiff", ".qp
 _OPENSLIDE_SUFFIXES = {".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide"}
 DEFAULT_CACHE_BYTES = 64 * 2**20  # decoded TIFF chunks kept per open image: ~340 RGB 256-px tiles
 _JPEG_COMPRESSIONS = {6, 7, 33007, 34892}  # old-style, new-style, ALT JPEG, lossy JPEG (DNG)
+# tifffile raises a plain ValueError for garbled tags met while decoding (e.g. a bit depth of
+# "(24543, 34255, 61740)"); the box is inside the level, so any of them means a damaged file
+_TIFF_READ_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -199,12 +203,9 @@ class PILImage(ImageReader):
 
     def _decoded(self) -> np.ndarray:
         if self._pixels is None:
-            with _open_pil(self.path) as im:
-                try:
-                    # converting an RGB image would hold one more full copy at the peak
-                    self._pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-                except OSError as err:
-                    raise ValueError(f"Could not decode image file {self.path}: {err}") from err
+            with _open_pil(self.path) as im, reading_file(self.path, "image file"):
+                # converting an RGB image would hold one more full copy at the peak
+                self._pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
         return self._pixels
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -216,12 +217,9 @@ class PILImage(ImageReader):
         height, width = self.shape
         scale = min(1.0, max_side / max(height, width))
         size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
-        with _open_pil(self.path) as im:
-            try:
-                im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 directly
-                small = im.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-            except OSError as err:
-                raise ValueError(f"Could not decode image file {self.path}: {err}") from err
+        with _open_pil(self.path) as im, reading_file(self.path, "image file"):
+            im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 directly
+            small = im.convert("RGB").resize(size, Image.Resampling.BILINEAR)
         return np.asarray(small), scale
 
     def close(self) -> None:
@@ -269,16 +267,17 @@ class TiffImage(ImageReader):
             series = self._tif.series[0]
             levels = list(series.levels)
         except Exception as err:  # tifffile raises several types for a broken file
-            raise ValueError(f"Could not read TIFF file {self.path}: {err}") from err
+            raise corrupt_file_error(self.path, err, "TIFF file") from err
         self._axes = series.axes
         self._arrays = []
         self._grids: list[_ChunkGrid | None] = []
         shapes = []
-        for i, level in enumerate(levels):
-            store = self._tif.series[0].aszarr(level=i)
-            self._arrays.append(zarr.open(store, mode="r"))
-            shapes.append(_tiff_hw(level.shape, level.axes))
-            self._grids.append(_ChunkGrid.of(level))
+        with reading_file(self.path, "TIFF file"):
+            for i, level in enumerate(levels):
+                store = self._tif.series[0].aszarr(level=i)
+                self._arrays.append(zarr.open(store, mode="r"))
+                shapes.append(_tiff_hw(level.shape, level.axes))
+                self._grids.append(_ChunkGrid.of(level))
         self.shape = shapes[0]
         self._shapes = shapes
         self.level_downsamples = tuple(shapes[0][1] / s[1] for s in shapes)
@@ -305,13 +304,14 @@ class TiffImage(ImageReader):
             self._after_fork()
         grid = self._grids[level]
         if grid is None:
-            with self._file_lock:
+            with self._file_lock, reading_file(self.path, "TIFF file", _TIFF_READ_ERRORS):
                 return self._read_zarr(level, x, y, width, height)
         try:
             return self._read_chunks(grid, level, x, y, width, height)
         except Exception as err:
-            # tifffile's store reads these pixels, or raises its own error, as it always did
-            with self._file_lock:
+            # tifffile's store reads these pixels, or raises its own error (a truncated or
+            # corrupt chunk), named after the file
+            with self._file_lock, reading_file(self.path, "TIFF file", _TIFF_READ_ERRORS):
                 pixels = self._read_zarr(level, x, y, width, height)
             # The store could and the chunk reader could not: the level is one the chunk reader
             # gets wrong, so it is read through the store from now on. (Where the store fails too,
@@ -597,7 +597,8 @@ class OpenSlideImage(ImageReader):
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         down = self.level_downsamples[level]
         # OpenSlide takes the top-left corner in level-0 coordinates
-        region = self._slide.read_region((int(x * down), int(y * down)), level, (width, height))
+        with reading_file(self.path, "slide"):
+            region = self._slide.read_region((int(x * down), int(y * down)), level, (width, height))
         return np.asarray(region.convert("RGB"))
 
     def close(self) -> None:
@@ -669,8 +670,10 @@ def _open_pil(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(path)
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"Could not decode image file {path}: {err}") from err
+    except Exception as err:
+        if not is_decoder_error(err):  # e.g. a missing file or no permission: their own error
+            raise
+        raise corrupt_file_error(path, err, "image file") from err
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
