@@ -183,6 +183,61 @@ def test_select_genes_hvg_adds_nothing_else(adata):
     assert after == before  # no highly_variable / means / hvg entries
 
 
+# seurat_v3 on these crashed the interpreter inside scikit-misc's loess (a segfault), so they run
+# in a child process: a regression fails the test instead of killing the test run
+SMALL_HVG_SCRIPT = """
+import logging, sys
+import numpy as np
+from anndata import AnnData
+from rankbygene import pp
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+n_spots, n_genes = int(sys.argv[1]), int(sys.argv[2])
+counts = np.random.default_rng(0).poisson(3, size=(n_spots, n_genes)).astype(np.float32)
+adata = AnnData(counts)
+pp.select_genes(adata, n_top=5, flavor="hvg")
+print("panel", adata.n_vars)
+"""
+
+
+@pytest.mark.parametrize(
+    ("n_spots", "n_genes", "n_panel"), [(50, 2, 2), (1, 40, 5), (1, 1, 1), (30, 4, 4)]
+)
+def test_select_genes_hvg_small_input_falls_back_without_crashing(n_spots, n_genes, n_panel):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", SMALL_HVG_SCRIPT, str(n_spots), str(n_genes)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert f"panel {n_panel}" in done.stdout
+    assert "selecting highly expressed genes (flavor='heg') instead" in done.stdout
+
+
+def test_select_genes_hvg_degenerate_loess_falls_back(caplog):
+    # every gene holds the same values in another order: one mean for all genes, so the loess
+    # fit of variance on mean is singular (scikit-misc: b'svddc failed in l2fit.')
+    rng = np.random.default_rng(0)
+    values = (np.arange(60) % 7).astype(np.float32)
+    adata = AnnData(np.stack([rng.permutation(values) for _ in range(30)], axis=1))
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        pp.select_genes(adata, n_top=10, flavor="hvg")
+    assert adata.n_vars == 10
+    assert "svddc failed in l2fit" in caplog.text
+    assert "flavor='heg'" in caplog.text
+
+
+def test_select_genes_hvg_enough_genes_is_not_a_fallback(adata, caplog):
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        pp.select_genes(adata, n_top=12, flavor="hvg", layer="counts")
+    assert "instead" not in caplog.text
+
+
 def test_select_genes_copy(adata):
     before = _keys(adata)
     out = pp.select_genes(adata, n_top=5, copy=True)

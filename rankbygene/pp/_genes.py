@@ -20,6 +20,11 @@ __all__ = ["PANEL_KEY", "select_genes"]
 #: Column of ``adata.var`` marking the panel when ``subset=False``.
 PANEL_KEY = "rankbygene_panel"
 
+#: Fewest genes that vary across spots for seurat_v3's loess fit of variance on mean (span 0.3,
+#: degree 2): scikit-misc crashes the interpreter (segfault) on 3 points or fewer and fails with
+#: "svddc failed in l2fit" or near-singularity errors up to about 15.
+MIN_HVG_GENES = 16
+
 
 def _read_gene_list(genes: Sequence[str] | str | os.PathLike) -> tuple[list[str], str]:
     """Gene names from a list or a text file (one per line; blank lines and ``#`` skipped)."""
@@ -54,8 +59,39 @@ def _highly_expressed(adata: AnnData, x, n_top: int) -> np.ndarray:
     return np.argsort(-means, kind="stable")[:n_top]
 
 
-def _highly_variable(adata: AnnData, x, n_top: int) -> np.ndarray:
-    """Indices of scanpy's seurat_v3 highly variable genes, computed on a throw-away AnnData."""
+def _n_varying_genes(x) -> int:
+    """Genes whose counts are not the same in every spot (0 with fewer than 2 spots)."""
+    if x.shape[0] < 2:
+        return 0  # seurat_v3's variance (ddof=1) is NaN: no gene counts as varying
+    if sparse.issparse(x):
+        # max/min of a sparse matrix include its implicit zeros
+        high = np.asarray(x.max(axis=0).toarray()).ravel()
+        low = np.asarray(x.min(axis=0).toarray()).ravel()
+    else:
+        high, low = np.max(x, axis=0), np.min(x, axis=0)
+    return int(np.count_nonzero(high != low))
+
+
+def _highly_variable(adata: AnnData, x, n_top: int) -> np.ndarray | None:
+    """Indices of scanpy's seurat_v3 highly variable genes, computed on a throw-away AnnData.
+
+    Returns ``None``, with a logged warning, when the input is too small or too degenerate for
+    seurat_v3's loess fit; the caller then falls back to ``"heg"``.
+    """
+    n_varying = _n_varying_genes(x)
+    if n_varying < MIN_HVG_GENES:
+        # Checked before calling scanpy: on so few points scikit-misc's loess kills the
+        # interpreter (a segfault) rather than raising.
+        logger.warning(
+            "flavor='hvg' needs at least %d genes that vary across at least 2 spots for "
+            "seurat_v3's loess fit; %d spot(s) x %d genes have %d: selecting highly expressed "
+            "genes (flavor='heg') instead",
+            MIN_HVG_GENES,
+            adata.n_obs,
+            adata.n_vars,
+            n_varying,
+        )
+        return None
     light = _light_adata(adata, x)
     try:
         df = sc.pp.highly_variable_genes(
@@ -66,6 +102,18 @@ def _highly_variable(adata: AnnData, x, n_top: int) -> np.ndarray:
             "flavor='hvg' uses scanpy's seurat_v3 flavor, which needs scikit-misc: "
             "pip install scikit-misc"
         ) from err
+    except ValueError as err:
+        # scikit-misc's loess reports a singular fit as ValueError(b"svddc failed in l2fit."),
+        # e.g. when the genes' means take only a few distinct values
+        if not isinstance(err.args[0] if err.args else None, bytes):
+            raise
+        logger.warning(
+            "flavor='hvg': seurat_v3's loess fit of variance on mean failed on %d varying "
+            "genes (scikit-misc: %s): selecting highly expressed genes (flavor='heg') instead",
+            n_varying,
+            err.args[0].decode(errors="replace"),
+        )
+        return None
     hv = df["highly_variable"].reindex(adata.var_names).fillna(False).to_numpy(dtype=bool)
     return np.flatnonzero(hv)
 
@@ -87,7 +135,10 @@ def select_genes(
       library-size-normalised expression over spots (the HEST / BLEEP convention);
     - ``flavor="hvg"``: the ``n_top`` highly variable genes of
       :func:`scanpy.pp.highly_variable_genes` with ``flavor="seurat_v3"`` on the counts (computed
-      on a throw-away AnnData, so nothing but the panel is written into ``adata``);
+      on a throw-away AnnData, so nothing but the panel is written into ``adata``). Its loess fit
+      needs at least 16 genes that vary across spots (``MIN_HVG_GENES``); on smaller or
+      degenerate data (e.g. one spot) the highly expressed genes are selected instead, with a
+      logged warning;
     - ``genes``: an explicit list of names, or the path of a text file with one gene per line (such
       as the 785-gene HER2+ panel ``her_hvg_cut_1000.txt`` used by HisToGene and successors).
       Genes absent from ``adata`` are reported (how many, and the first few) and skipped; ``n_top``
@@ -176,12 +227,12 @@ def select_genes(
         if n > adata.n_vars:
             logger.warning("n_top=%d > n_vars=%d: keeping all genes", n, adata.n_vars)
             n = adata.n_vars
-        if flavor == "heg":
+        idx = _highly_variable(adata, x, n) if flavor == "hvg" else None
+        if idx is not None:
+            how = f"{len(idx)} highly variable genes (seurat_v3)"
+        else:  # "heg", or "hvg" on data too small for seurat_v3 (warned)
             idx = np.sort(_highly_expressed(adata, x, n))
             how = f"{len(idx)} highly expressed genes (mean normalised expression)"
-        else:
-            idx = _highly_variable(adata, x, n)
-            how = f"{len(idx)} highly variable genes (seurat_v3)"
         how += f" from {_where(layer)}"
 
     if subset:
