@@ -344,6 +344,79 @@ def test_disk_cache_keeps_what_an_interrupted_run_filled(tmp_path, monkeypatch):
         np.testing.assert_array_equal(again[i], plain[i])
 
 
+def _cut(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    ("which", "how"),
+    [("pixels", "truncated"), ("pixels", "empty"), ("mask", "truncated"), ("mask", "empty")],
+)
+def test_damaged_disk_cache_is_rebuilt_not_served(tmp_path, caplog, which, how):
+    # numpy's r+ memory map zero-extends a short .npy: black patches were served as cached, and
+    # an empty file raised a bare EOFError
+    adata, _ = multi_library(tmp_path)
+    kwargs = {"library_key": "library_id", "patch_size": 12, "cache": "disk", "cache_dir": tmp_path}
+    first = PatchExtractor(adata, **kwargs).materialize(progress=False)
+    first.close()
+    damaged = first.cache_path
+    if which == "mask":
+        damaged = damaged.with_suffix(".filled.npy")
+    _cut(damaged, how)
+    with caplog.at_level("WARNING", logger="rankbygene"):
+        again = PatchExtractor(adata, **kwargs)
+    assert f"Patch cache file {damaged} is damaged" in caplog.text
+    assert again.n_cached == 0  # nothing from the damaged cache is trusted
+    plain = PatchExtractor(adata, library_key="library_id", patch_size=12)
+    for i in range(adata.n_obs):
+        np.testing.assert_array_equal(again[i], plain[i])
+    again.close()
+    assert np.load(again.cache_path).shape == (adata.n_obs, 12, 12, 3)
+
+
+def test_damaged_disk_cache_is_rebuilt_by_a_receiving_process(tmp_path):
+    adata, _ = multi_library(tmp_path, n=2)
+    kwargs = {"library_key": "library_id", "patch_size": 10, "cache": "disk", "cache_dir": tmp_path}
+    patches = PatchExtractor(adata, **kwargs).materialize(progress=False)
+    expected = [patches[i] for i in range(adata.n_obs)]
+    blob = pickle.dumps(patches)  # as a DataLoader worker receives it
+    patches.close()
+    _cut(patches.cache_path, "truncated")
+    clone = pickle.loads(blob)
+    for i in range(adata.n_obs):
+        np.testing.assert_array_equal(clone[i], expected[i])
+
+
+def test_interrupted_cache_rebuild_leaves_no_stale_mask(tmp_path, monkeypatch):
+    adata, _ = multi_library(tmp_path)
+    kwargs = {"library_key": "library_id", "patch_size": 12, "cache": "disk", "cache_dir": tmp_path}
+    first = PatchExtractor(adata, **kwargs).materialize(progress=False)
+    first.close()
+    # pixels of the wrong shape: rebuilt; the run is killed once the new pixels are in place,
+    # before the new mask is: the old mask (all filled) must not vouch for the zeroed pixels
+    np.save(first.cache_path, np.zeros((1, 12, 12, 3), dtype=np.uint8))
+    replace = os.replace
+    calls = {"n": 0}
+
+    def killed_after_first(src, dst):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(patches_module.os, "replace", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        PatchExtractor(adata, **kwargs)
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("*.tmp"))  # the temporary file went with the interrupt
+    again = PatchExtractor(adata, **kwargs)
+    assert again.n_cached == 0
+    plain = PatchExtractor(adata, library_key="library_id", patch_size=12)
+    for i in range(adata.n_obs):
+        np.testing.assert_array_equal(again[i], plain[i])
+
+
 def test_memory_materialize_and_no_cache_error():
     patches = PatchExtractor(make_adata(), patch_size=10, cache="memory")
     patches.materialize(progress=False)

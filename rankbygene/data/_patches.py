@@ -16,7 +16,14 @@ from anndata import AnnData
 from rankbygene._constants import SPATIAL_KEY
 from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
-from rankbygene.io._image import BACKGROUND, ArrayImage, _resize, as_rgb_uint8, open_image
+from rankbygene.io._image import (
+    BACKGROUND,
+    ArrayImage,
+    _resize,
+    as_rgb_uint8,
+    is_lazy_array,
+    open_image,
+)
 
 __all__ = ["PatchExtractor"]
 
@@ -449,19 +456,25 @@ class PatchExtractor:
         self._filled = np.zeros(len(self.indices), dtype=bool)
 
     def _open_disk_cache(self, create: bool) -> None:
+        """Map the cache's pixels and filled mask, rebuilding a file that is damaged.
+
+        ``create=False`` (a process that received the extractor) requires both files to exist.
+        """
         path = self._cache_path
         mask_path = path.with_suffix(".filled.npy")
         shape = (len(self.indices), self.patch_size, self.patch_size, 3)
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store, fresh = _open_or_create(path, shape, np.uint8)
-            # A mask is only trusted beside the pixels it was filled with.
-            filled, _ = _open_or_create(mask_path, (shape[0],), np.bool_, replace=fresh)
-        else:
-            if not (path.is_file() and mask_path.is_file()):
-                raise FileNotFoundError(f"The patch cache {path} is gone; build a new extractor.")
-            store = np.load(path, mmap_mode="r+")
-            filled = np.load(mask_path, mmap_mode="r+")
+        if not create and not (path.is_file() and mask_path.is_file()):
+            raise FileNotFoundError(f"The patch cache {path} is gone; build a new extractor.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = _open_npy(path, shape, np.uint8)
+        if store is None:
+            # A mask is only trusted beside the pixels it was filled with; it goes first, so that
+            # a run killed between the two files never leaves an old mask beside new pixels.
+            mask_path.unlink(missing_ok=True)
+            store = _create_npy(path, shape, np.uint8)
+        filled = _open_npy(mask_path, (shape[0],), np.bool_)
+        if filled is None:
+            filled = _create_npy(mask_path, (shape[0],), np.bool_)
         self._store, self._filled = store, filled
         if create:
             logger.info(f"patch cache {path}: {int(filled.sum())} of {shape[0]} patches cached")
@@ -486,7 +499,11 @@ class PatchExtractor:
         for lib in self.libraries:
             source = self.sources[lib]
             add(lib, source.kind, source.scale, source.spot_diameter_fullres, self._shapes[lib])
-            if source.kind == "memory":
+            if source.kind == "memory" and is_lazy_array(self._arrays[lib]):
+                # a dask array's name is a token of its source and graph: no pixel is read
+                array = self._arrays[lib]
+                add(type(array).__name__, getattr(array, "name", None), str(array.dtype))
+            elif source.kind == "memory":
                 add(memoryview(np.ascontiguousarray(self._arrays[lib])).cast("B"))
             else:
                 path = source.path if source.kind == "file" else source.patches_path
@@ -548,7 +565,8 @@ def _match_patch_rows(source: ImageSource, names: np.ndarray) -> tuple[tuple[int
 
 def _memory_image(adata: AnnData, source: ImageSource) -> np.ndarray:
     image = adata.uns[SPATIAL_KEY][source.library_id]["images"][source.image_key]
-    array = np.asarray(image)
+    # a lazy (dask) image, e.g. a SpatialData element, stays lazy: patches read their regions
+    array = image if is_lazy_array(image) else np.asarray(image)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         raise ValueError(
             f"adata.uns['spatial'][{source.library_id!r}]['images'][{source.image_key!r}] must be "
@@ -566,28 +584,62 @@ def _inside(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return (x0 >= 0) & (y0 >= 0) & (x0 + side <= width) & (y0 + side <= height)
 
 
-def _open_or_create(
-    path: Path, shape: tuple[int, ...], dtype: Any, replace: bool = False
-) -> tuple[np.memmap, bool]:
-    """The ``.npy`` memory map at ``path`` (made when absent or unusable) and whether it is new."""
-    if path.is_file() and not replace:
-        try:
-            array = np.load(path, mmap_mode="r+")
-            if array.shape == tuple(shape) and array.dtype == dtype:
-                return array, False
-        except (ValueError, OSError):
-            pass  # unreadable or stale: start over
-        logger.warning(f"Replacing the unusable patch cache file {path}.")
-    # Write under a temporary name, then rename, so a concurrent run never sees half a header.
+def _npy_problem(path: Path, shape: tuple[int, ...], dtype: Any) -> str | None:
+    """Why the ``.npy`` file at ``path`` is not a complete array of ``shape`` and ``dtype``.
+
+    Returns ``None`` when it is. Checked from the header and the file size, never by mapping it:
+    numpy's ``r+`` memory map zero-extends a short file, which would serve zeros as data.
+    """
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                found, fortran, found_dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                found, fortran, found_dtype = np.lib.format.read_array_header_2_0(handle)
+            else:  # open_memmap writes 1.0, or 2.0 for very large headers
+                return f"unexpected .npy format version {version}"
+            offset = handle.tell()
+    except (ValueError, EOFError, OSError) as err:  # empty, cut inside the header, not .npy
+        return f"unreadable header ({type(err).__name__}: {err})"
+    if tuple(found) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran:
+        return f"holds {found_dtype} {tuple(found)}, expected {np.dtype(dtype)} {tuple(shape)}"
+    size, expected = path.stat().st_size, offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size != expected:
+        return f"{size} bytes, expected {expected} (truncated or overwritten)"
+    return None
+
+
+def _open_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap | None:
+    """The ``.npy`` memory map at ``path``; ``None`` when it is absent or damaged (warned)."""
+    if not path.is_file():
+        return None
+    problem = _npy_problem(path, shape, dtype)
+    if problem is None:
+        return np.load(path, mmap_mode="r+")
+    logger.warning(f"Patch cache file {path} is damaged ({problem}): rebuilding it.")
+    return None
+
+
+def _create_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+    """A new zero-filled ``.npy`` memory map at ``path``, replacing what was there."""
+    # Written under a temporary name, flushed, then renamed: an interrupted write never leaves a
+    # file under the cache's name, and a concurrent run never sees half a header.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     os.close(fd)
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    if dtype == np.bool_:
-        array[:] = False
-    array.flush()
-    del array
-    os.replace(tmp, path)
-    return np.load(path, mmap_mode="r+"), True
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        if dtype == np.bool_:
+            array[:] = False
+        array.flush()
+        del array
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return np.load(path, mmap_mode="r+")
 
 
 def _check_options(
