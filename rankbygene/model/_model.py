@@ -32,6 +32,7 @@ from rankbygene._layout import (
     spatial_coordinates,
     spot_libraries,
 )
+from rankbygene.model._checkpoint import check_finite_state, verify_checksums, write_checksums
 from rankbygene.model._data import (
     FEATURES_REGISTRY_KEY,
     SPATIAL_REGISTRY_KEY,
@@ -814,7 +815,8 @@ class RankByGene(BaseModelClass):
 
         The files are written into a temporary folder beside ``dir_path``, flushed to disk, and
         only then put in its place: an interrupted save (Ctrl+C, a killed job) leaves a model
-        saved before untouched.
+        saved before untouched. Their SHA-256 checksums go to ``checksums.json`` in the folder,
+        and :meth:`load` checks them.
 
         Examples
         --------
@@ -833,6 +835,7 @@ class RankByGene(BaseModelClass):
             super().save(
                 str(staging), prefix=prefix, overwrite=True, save_anndata=save_anndata, **kwargs
             )
+            write_checksums(staging, prefix)
             _fsync_tree(staging)
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
@@ -862,14 +865,25 @@ class RankByGene(BaseModelClass):
         Without ``adata`` the model still embeds images of any AnnData
         (:meth:`get_image_representation`).
 
+        The saved files are checked against the checksums saved with them, and weights with NaN
+        or infinite values are refused. Folders saved before checksums were recorded still load,
+        with a logged warning.
+
         Raises
         ------
         FileNotFoundError
-            No saved model in ``dir_path``.
+            No saved model in ``dir_path``, or a saved file is missing.
         ValueError
-            The file is corrupt, comes from another model, or ``adata`` lacks the model's genes.
+            A file does not match its checksum or is corrupt, the weights are not finite, the
+            model is another one, or ``adata`` lacks the model's genes.
         """
+        verified = verify_checksums(Path(dir_path), prefix)
         saved = _peek_saved_model(Path(dir_path), prefix)
+        if not verified:
+            logger.warning(
+                f"{dir_path} has no checksums (saved by an older version): its files are not "
+                "verified; save the model again to add them."
+            )
         if adata is not None:
             _check_var_names(adata, saved["var_names"])
         return super().load(
@@ -1014,6 +1028,7 @@ def _peek_saved_model(dir_path: Path, prefix: str | None) -> dict:
     name = registry.get("model_name")
     if name != RankByGene.__name__:
         raise ValueError(f"{path} holds a {name} model, not a RankByGene model.")
+    check_finite_state(saved[SAVE_KEYS.MODEL_STATE_DICT_KEY], path)
     return {"var_names": saved[SAVE_KEYS.VAR_NAMES_KEY]}
 
 
