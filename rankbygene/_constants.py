@@ -18,6 +18,29 @@ METADATA_SOURCE_IMAGE = "source_image_path"
 #: left out and several columns name the libraries of ``uns["spatial"]``.
 LIBRARY_ID_KEY = "library_id"
 
+# What setup_anndata takes for data in the wrong units.
+#: Expression whose values are not all integers and all stay below this looks log-normalised
+#: (log1p of counts normalised to 1e4 or 1e6 per spot stays below 10 or 14), not like counts.
+LOG_NORMALIZED_MAX = 20.0
+#: Spots closer to their nearest neighbour than this many spot diameters (median) would overlap:
+#: their coordinates (or the diameter) are not in full-resolution pixels.
+MIN_SPOT_SPACING = 0.5
+#: Spacing in spot diameters that a correction of the coordinates must restore to be a likely
+#: one (arrays of touching spots or bins have about 1, Visium 1.8, legacy ST 2).
+PLAUSIBLE_SPOT_SPACING = (0.8, 4.0)
+#: Centre-to-centre distance in spot diameters of the usual arrays (Visium 100 um / 55 um, legacy
+#: ST 200 um / 100 um): the spacing a likely correction of the coordinates should restore.
+TYPICAL_SPOT_SPACING = 1.8
+#: Spots whose extent stays within this fraction of the full-resolution image on both axes lie
+#: in its top-left corner, as coordinates in downscaled-image pixels do.
+CORNER_FRACTION = 1 / 3
+#: Share of spots outside the image above which spots that all fit once x and y are exchanged
+#: are taken for swapped coordinates.
+SWAPPED_OUTSIDE_FRACTION = 0.1
+#: Factors coordinates are commonly off by besides the images' scale factors: pixel positions of
+#: a spot table divided by 10.
+COMMON_COORDINATE_FACTORS = (10.0,)
+
 # Logging.
 LOGGER_NAME = "rankbygene"
 #: Lightning's advertisement lines start with this; its loggers that emit them.

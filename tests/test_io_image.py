@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -114,6 +115,97 @@ def test_array_dtypes_and_channels(array: np.ndarray, expected: int) -> None:
 def test_array_bad_shape() -> None:
     with pytest.raises(ValueError, match="must be"):
         open_image(np.zeros((4, 5, 2), dtype=np.uint8))
+
+
+RAMP = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit value once
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.dstack([RAMP.astype(np.uint16) * 257] * 3), RAMP),  # 16-bit RGB
+        (RAMP.astype(np.uint16) * 257, RAMP),  # 16-bit grey
+        ((RAMP.astype(np.uint16) * 257).astype(">u2"), RAMP),  # big-endian, as PIL's I;16B
+        (RAMP.astype(np.int32) * 257, RAMP),  # 16-bit grey as PIL's mode I holds it
+        (RAMP / 255.0, RAMP),  # float in [0, 1]
+        (RAMP.astype(np.float32) * 257, RAMP),  # float holding 16-bit values
+        (RAMP, RAMP),  # grey uint8
+        (np.dstack([RAMP] * 3 + [np.zeros_like(RAMP)]), RAMP),  # RGBA: alpha dropped
+        (np.dstack([RAMP.astype(np.uint16) * 257] * 4), RAMP),  # 16-bit RGBA
+        (RAMP.astype(np.int64), RAMP),  # integers of 8-bit values
+        (np.full((16, 16), 1000, np.uint16), np.full((16, 16), 4, np.uint8)),  # dark stays dark
+        (RAMP > 127, np.where(RAMP > 127, 255, 0)),  # a mask
+        (np.where(RAMP > 0, RAMP / 255.0, np.nan), RAMP),  # NaN: black
+    ],
+)
+def test_as_rgb_uint8_scales_by_the_range_not_clipping(array, expected) -> None:
+    rgb = as_rgb_uint8(array)
+    assert rgb.dtype == np.uint8
+    assert rgb.shape == (16, 16, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], expected)
+
+
+def _write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (grey, RGB or RGBA), written by hand: PIL cannot write 16-bit colour."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    colour_type = {1: 0, 3: 2, 4: 6}[channels]
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(tag + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + tag + data + crc
+
+    rows = pixels.reshape(height, width * channels).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 per row
+    size = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    header = size + bytes([16, colour_type, 0, 0, 0])  # 16 bits, no interlace
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "suffix"),
+    [
+        ("grey16", ".png"),
+        ("rgb16", ".png"),
+        ("rgba16", ".png"),
+        ("grey16", ".tif"),
+        ("rgb16", ".tif"),
+        ("float", ".tif"),
+        ("grey8", ".png"),
+    ],
+)
+def test_16_bit_grey_and_float_files_are_scaled_not_clipped(
+    tmp_path: Path, image: np.ndarray, kind: str, suffix: str
+) -> None:
+    truth = image[:60, :80]
+    if kind.startswith("grey"):
+        truth = np.repeat(truth[..., :1], 3, axis=-1)
+    wide = truth.astype(np.uint16) * 257
+    pixels = {
+        "grey16": wide[..., 0],
+        "rgb16": wide,
+        "rgba16": np.dstack([wide, np.full(wide.shape[:2], 65535, np.uint16)]),
+        "float": truth / np.float32(255),
+        "grey8": truth[..., 0],
+    }[kind]
+    path = tmp_path / f"{kind}{suffix}"
+    if suffix == ".tif":
+        tifffile.imwrite(path, pixels)
+    elif kind in ("grey16", "grey8"):
+        Image.fromarray(pixels).save(path)  # PIL writes 16-bit grey (mode I;16)
+    else:
+        _write_png16(path, pixels)
+    reader = open_image(path)
+    thumb, scale = reader.thumbnail(40)  # first: a PIL file has its own path before a decode
+    assert scale == pytest.approx(0.5)
+    assert np.abs(thumb.astype(float) - _box_downscale(truth, 2)).mean() < 3
+    np.testing.assert_array_equal(reader.read_region(0, 0, 80, 60), truth)
 
 
 def test_open_image_passes_readers_through(image: np.ndarray) -> None:

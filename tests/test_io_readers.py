@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import warnings
 import zlib
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 from scipy import sparse
 from scipy.spatial import cKDTree
 
+from rankbygene._layout import image_sources, spot_libraries, validate_layout
 from rankbygene.io import TiffImage, open_image, read_hest, read_st
 
 matplotlib.use("Agg")
@@ -38,6 +40,15 @@ IMAGES = {
     "C3": "ST-imgs/C/C3/5714_HE_BT_D1.jpg",
     "C4": "ST-imgs/C/C4/5714_HE_BT_D2.jpg",
 }
+
+
+def _passes_layout_checks(adata: anndata.AnnData, caplog: pytest.LogCaptureFixture) -> None:
+    """setup_anndata's layout checks (units, a decoded patch) find nothing to say."""
+    libraries = spot_libraries(adata)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        validate_layout(adata, image_sources(adata, libraries), libraries)
+    assert not caplog.records
 
 
 def _files(section: str) -> tuple[Path, Path, Path]:
@@ -63,7 +74,7 @@ def c2_decoded() -> np.ndarray:
 
 @needs_her2st
 @pytest.mark.parametrize("section", sorted(SECTIONS))
-def test_real_sections_spots_and_genes(section: str) -> None:
+def test_real_sections_spots_and_genes(section: str, caplog: pytest.LogCaptureFixture) -> None:
     counts_path, spots_path, image_path = _files(section)
     adata = read_st(counts_path, spots_path, image_path)
     table = pd.read_csv(counts_path, sep="\t", index_col=0)
@@ -87,6 +98,7 @@ def test_real_sections_spots_and_genes(section: str) -> None:
     assert (adata.obs["in_tissue"] == 1).all()
     assert adata.obs["library_id"].dtype == "category"
     assert list(adata.obs["library_id"].cat.categories) == [section]
+    _passes_layout_checks(adata, caplog)
     # layout
     entry = adata.uns["spatial"][section]
     assert entry["metadata"]["source_image_path"] == str(image_path.resolve())
@@ -213,9 +225,10 @@ def _rewrite_counts(path: Path, edit) -> None:
         table.to_csv(handle, sep="\t")
 
 
-def test_small_st_layout(tmp_path: Path) -> None:
+def test_small_st_layout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     counts, spots, image = _write_st(tmp_path)
     adata = read_st(counts, spots, image, hires_max_side=200, lowres_max_side=50)
+    _passes_layout_checks(adata, caplog)
     assert adata.shape == (12, 3)
     assert list(adata.uns["spatial"]) == ["S1"]  # library_id from the file name
     entry = adata.uns["spatial"]["S1"]
@@ -638,6 +651,13 @@ def test_read_hest_patch_pixels_match_wsi(hest_sample: dict[str, Path]) -> None:
     with h5py.File(adata.uns["spatial"]["TEST01"]["metadata"]["patches_path"]) as handle:
         x, y = handle["coords"][4]
         np.testing.assert_array_equal(handle["img"][4], reader.read_region(x, y, 224, 224))
+
+
+def test_read_hest_passes_the_layout_checks(
+    hest_sample: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    _passes_layout_checks(read_hest(**_hest_files(hest_sample)), caplog)  # the WSI
+    _passes_layout_checks(read_hest(**_hest_files(hest_sample, wsi=True)), caplog)  # patches
 
 
 def test_read_hest_without_wsi(hest_sample: dict[str, Path]) -> None:

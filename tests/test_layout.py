@@ -15,6 +15,7 @@ from rankbygene._layout import (
     resolve_library_key,
     spatial_coordinates,
     spot_libraries,
+    validate_layout,
 )
 
 IMAGE = np.zeros((20, 30, 3), dtype=np.uint8)
@@ -217,3 +218,182 @@ def test_one_library_needs_no_column():
     del adata.obs["library_id"]
     assert resolve_library_key(adata) is None
     np.testing.assert_array_equal(spot_libraries(adata), ["a"] * 4)
+
+
+# ------------------------------------------- coordinates in other units than full-res pixels
+
+
+def _visium_like(
+    width: int = 1500, height: int = 1000, pitch: float = 100.0, diameter: float = 55.0
+) -> AnnData:
+    """Spots on a hexagonal grid ``pitch`` px apart over most of a full-resolution image kept
+    in memory at scale 0.2 (``hires``) and 0.05 (``lowres``), as squidpy reads Visium."""
+    rows = np.arange(200.0, height - 150, pitch * np.sqrt(3) / 2)
+    xy = np.array(
+        [
+            (x + (i % 2) * pitch / 2, y)
+            for i, y in enumerate(rows)
+            for x in np.arange(200.0, width - 200, pitch)
+        ]
+    )
+    n = len(xy)
+    counts = np.random.default_rng(0).poisson(3, (n, 5)).astype(np.float32)
+    adata = AnnData(counts, obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]))
+    adata.obsm["spatial"] = xy
+    hires = np.full((height // 5, width // 5, 3), 200, dtype=np.uint8)
+    adata.uns["spatial"] = {
+        "a": {
+            "images": {"hires": hires, "lowres": hires[::4, ::4]},
+            "scalefactors": {
+                "tissue_hires_scalef": 0.2,
+                "tissue_lowres_scalef": 0.05,
+                "spot_diameter_fullres": diameter,
+            },
+        }
+    }
+    return adata
+
+
+def _validate(adata: AnnData, **kwargs) -> None:
+    libraries = spot_libraries(adata)
+    validate_layout(adata, image_sources(adata, libraries), libraries, **kwargs)
+
+
+def _scale_coords(factor: float, diameter_too: bool = False):
+    def change(adata: AnnData) -> None:
+        adata.obsm["spatial"] = adata.obsm["spatial"] * factor
+        if diameter_too:
+            adata.uns["spatial"]["a"]["scalefactors"]["spot_diameter_fullres"] *= factor
+
+    return change
+
+
+def _swap(adata: AnnData) -> None:
+    adata.obsm["spatial"] = adata.obsm["spatial"][:, ::-1].copy()
+
+
+def _large_diameter(adata: AnnData) -> None:
+    adata.uns["spatial"]["a"]["scalefactors"]["spot_diameter_fullres"] *= 5
+
+
+def _array_indices(adata: AnnData) -> None:
+    # Visium's array_col (two per pitch, alternate rows shifted by one) and array_row
+    x, y = (adata.obsm["spatial"] - 200).T
+    adata.obsm["spatial"] = np.c_[np.round(x / 50), np.round(y / (50 * np.sqrt(3)))]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (_scale_coords(0.2), r"look like hires pixels: multiply by 1/tissue_hires_scalef = 5\b"),
+        (_scale_coords(0.05), r"look like lowres pixels: multiply by 1/tissue_lowres_scalef = 20"),
+        (_scale_coords(0.1), r"divided by 10: multiply by 10"),
+        # read_st infers the diameter from the spacing: both come out 10 times too small
+        (_scale_coords(0.1, True), r"top-left 8% x 8% .*divided by 10: multiply by 10"),
+        (_scale_coords(0.2, True), r"top-left .*hires pixels: multiply by 1/tissue_hires_scalef"),
+        (_large_diameter, r"0\.36 spot diameters apart.*spot_diameter_fullres too large"),
+        (_array_indices, r"would overlap.*array indices"),
+        (_swap, r"\(y, x\), not \(x, y\).*outside the 1500 x 1000 px.*\[:, \[1, 0\]\]"),
+    ],
+)
+def test_wrong_units_are_named_with_the_likely_fix(change, match):
+    adata = _visium_like()
+    _validate(adata)  # right units: nothing to say
+    change(adata)
+    with pytest.raises(ValueError, match=r"obsm\['spatial'\] of library 'a'") as error:
+        _validate(adata)
+    assert error.match(match)
+    assert error.match("check_layout=False")
+
+
+def test_wrong_units_only_warn_without_check_units(caplog):
+    adata = _visium_like()
+    _scale_coords(0.2)(adata)
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        _validate(adata, check_units=False)
+    assert "look like hires pixels" in caplog.text
+
+
+def test_tissue_in_a_corner_that_no_factor_explains_warns(caplog):
+    adata = _visium_like()
+    xy = adata.obsm["spatial"]
+    adata = adata[(xy[:, 0] <= 450) & (xy[:, 1] <= 320)].copy()
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        _validate(adata)
+    assert "top-left 30% x 29%" in caplog.text
+    assert "Check that they are in full-resolution pixels" in caplog.text
+
+
+def test_spots_on_one_centre_are_an_error():
+    adata = _visium_like()
+    adata.obsm["spatial"][:] = adata.obsm["spatial"][0]
+    with pytest.raises(ValueError, match=r"share their centre.*library_key"):
+        _validate(adata)
+
+
+def test_setup_rejects_wrong_units_unless_told(caplog):
+    import rankbygene as rbg
+
+    adata = _visium_like()
+    rbg.RankByGene.setup_anndata(adata)  # full-resolution pixels: accepted
+    adata = _visium_like()
+    _scale_coords(0.2)(adata)
+    before = set(adata.uns)
+    with pytest.raises(ValueError, match=r"obsm\['spatial'\].*1/tissue_hires_scalef = 5\b"):
+        rbg.RankByGene.setup_anndata(adata)
+    assert set(adata.uns) == before  # nothing registered
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        rbg.RankByGene.setup_anndata(adata, check_layout=False)
+    assert "hires pixels" in caplog.text
+    assert rbg.RankByGene(adata, image_encoder="resnet18", input_size=32).adata is adata
+
+
+def test_synthetic_passes_the_layout_checks(three_slides, caplog):
+    libraries = spot_libraries(three_slides, "library_id")
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        validate_layout(three_slides, image_sources(three_slides, libraries), libraries)
+    assert not caplog.records
+
+
+# ----------------------------------------------- one patch per image decoded at setup
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_setup_decodes_a_patch_of_each_image(three_slides, tmp_path, suffix):
+    from PIL import Image
+
+    import rankbygene as rbg
+
+    adata = three_slides[three_slides.obs["library_id"] == "slide_1"].copy()
+    path = tmp_path / f"slide_1{suffix}"
+    image = adata.uns["spatial"]["slide_1"]["images"]["hires"]  # full resolution (scale 1)
+    if suffix == ".tif":
+        tifffile.imwrite(path, image, tile=(64, 64), compression="zlib")
+    else:
+        Image.fromarray(image).save(path)
+    adata.uns["spatial"]["slide_1"]["metadata"]["source_image_path"] = str(path)
+    rbg.RankByGene.setup_anndata(adata.copy(), layer="counts", library_key="library_id")
+    data = path.read_bytes()
+    # truncated, as by an interrupted copy, before the tiles of the middle spot of a TIFF (its
+    # other tiles are only decoded in training)
+    path.write_bytes(data[: len(data) // 4])
+    with pytest.raises(ValueError, match=rf"Library 'slide_1'.*{path.name}"):
+        rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+
+
+def test_corrupt_patches_file_is_named(tmp_path):
+    path = tmp_path / "patches.h5"
+    path.write_bytes(b"not an HDF5 file" * 64)
+    entry = {"images": {}, "scalefactors": {}, "metadata": {"patches_path": str(path)}}
+    adata = make_adata(libraries={"a": entry})
+    with pytest.raises(ValueError, match=r"Library 'a'.*patches\.h5"):
+        _validate(adata)
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("pixels", data=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(KeyError, match=r"patches\.h5.*no dataset of patches"):
+        _validate(adata)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("img", data=np.zeros((2, 4, 4, 3), np.uint8))
+    _validate(adata)

@@ -122,6 +122,21 @@ def test_setup_rejects_one_gene_and_repeated_gene_names(small):
     assert not any(key.startswith("_scvi") for key in repeated.uns)
 
 
+def test_setup_rejects_log_normalized_counts_unless_told(small):
+    adata = _fresh(small)
+    rbg.pp.normalize(adata, layer="counts")  # log1p of counts normalised to 1e4 per spot
+    with pytest.raises(ValueError, match=r"layers\['lognorm'\] looks log-normalised.*below 20"):
+        rbg.RankByGene.setup_anndata(adata, layer="lognorm", library_key="library_id")
+    assert not any(key.startswith("_scvi") for key in adata.uns)
+    rbg.RankByGene.setup_anndata(
+        adata, layer="lognorm", library_key="library_id", is_log_normalized=True
+    )
+    # counts that are integers but small, or large and not integers, are counts
+    adata = _fresh(small)
+    adata.layers["counts"] = adata.layers["counts"].toarray() * 1.5
+    rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+
+
 def test_setup_rejects_nan_features(small):
     adata = _fresh(small)
     features = np.ones((adata.n_obs, 8), dtype=np.float32)

@@ -37,24 +37,79 @@ _TIFF_READ_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Return ``image`` as an ``(H, W, 3)`` uint8 array (grey, RGBA and float [0, 1] accepted)."""
+    """Return ``image`` as an ``(H, W, 3)`` uint8 array, its values scaled to 0-255.
+
+    Parameters
+    ----------
+    image
+        ``(H, W)`` or ``(H, W, 1)`` grey (repeated to RGB), ``(H, W, 3)`` RGB or ``(H, W, 4)``
+        RGBA (alpha dropped). uint8 is kept as is; uint16 (16-bit PNG/TIFF) is scaled by its
+        range 0-65535; bool to 0/255. Floats and other integers are scaled by the first of 1
+        (floats only: scanpy/squidpy keep images as float in [0, 1]), 255, 65535 or the image's
+        own maximum that holds their values. NaN, infinite and negative values become 0.
+    name
+        What the image is, for the error message.
+
+    Returns
+    -------
+    The RGB image; ``image`` itself, or a view of it, when it already is uint8.
+
+    Raises
+    ------
+    ValueError
+        The shape or dtype is none of the above.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.io._image import as_rgb_uint8
+    >>> as_rgb_uint8(np.full((1, 1), 65535, dtype=np.uint16)).tolist()
+    [[[255, 255, 255]]]
+    >>> as_rgb_uint8(np.full((1, 1, 3), 0.5)).tolist()
+    [[[128, 128, 128]]]
+    """
     image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
     if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name} must be (H, W), (H, W, 3) or (H, W, 4); got shape {image.shape}.")
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    image = image[..., :3]
-    if image.dtype == np.uint8:
-        return image
-    if np.issubdtype(image.dtype, np.floating):
-        # scanpy/squidpy keep images as float in [0, 1]
-        scale = 255.0 if float(np.nanmax(image, initial=0.0)) <= 1.0 else 1.0
-        return np.clip(np.nan_to_num(image) * scale + 0.5, 0, 255).astype(np.uint8)
-    if image.dtype == np.uint16:
-        return (image // 257).astype(np.uint8)
-    return np.clip(image, 0, 255).astype(np.uint8)
+        # grey: scaled once, then repeated
+        return np.repeat(_scaled_to_uint8(image, name)[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] not in (3, 4):
+        raise ValueError(
+            f"{name} must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {image.shape}."
+        )
+    return _scaled_to_uint8(image[..., :3], name)
+
+
+def _scaled_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` scaled from their range (see :func:`as_rgb_uint8`) to uint8."""
+    kind, itemsize = values.dtype.kind, values.dtype.itemsize
+    if kind == "u" and itemsize == 1:
+        return values
+    if kind == "b":
+        return values.astype(np.uint8) * np.uint8(255)
+    if kind == "u" and itemsize == 2:
+        # exact rounding of x * 255 / 65535, in integers (any byte order)
+        return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if kind not in "uif":
+        raise ValueError(f"{name} must hold integers or floats; got dtype {values.dtype}.")
+    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    top = float(values.max(initial=0.0))
+    # The range is the dtype's when the values fit it; taking the image's own maximum only
+    # beyond 16 bits keeps dark images dark rather than stretching them to white.
+    limits = (1.0, 255.0, 65535.0) if kind == "f" else (255.0, 65535.0)
+    scale = next((limit for limit in limits if top <= limit), top)
+    return np.clip(values * np.float32(255.0 / scale) + np.float32(0.5), 0, 255).astype(np.uint8)
+
+
+def _pil_rgb(im: Image.Image) -> Image.Image:
+    """``im`` in RGB; 16-bit, 32-bit and float modes scaled by :func:`as_rgb_uint8`.
+
+    PIL's own conversion of those modes clips every value above 255 to white.
+    """
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        return Image.fromarray(as_rgb_uint8(np.asarray(im)))
+    return im.convert("RGB")
 
 
 def _resize(region: np.ndarray, out_size: int | tuple[int, int] | None) -> np.ndarray:
@@ -205,7 +260,7 @@ class PILImage(ImageReader):
         if self._pixels is None:
             with _open_pil(self.path) as im, reading_file(self.path, "image file"):
                 # converting an RGB image would hold one more full copy at the peak
-                self._pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+                self._pixels = np.asarray(im if im.mode == "RGB" else _pil_rgb(im))
         return self._pixels
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -219,7 +274,7 @@ class PILImage(ImageReader):
         size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
         with _open_pil(self.path) as im, reading_file(self.path, "image file"):
             im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 directly
-            small = im.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+            small = _pil_rgb(im).resize(size, Image.Resampling.BILINEAR)
         return np.asarray(small), scale
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ from rankbygene._layout import (
     resolve_library_key,
     spatial_coordinates,
     spot_libraries,
+    validate_layout,
 )
 from rankbygene.model._checkpoint import check_finite_state, verify_checksums, write_checksums
 from rankbygene.model._data import (
@@ -50,6 +51,7 @@ from rankbygene.model._prediction import (
     with_neighbor_context,
 )
 from rankbygene.model._training_plan import RankByGeneTrainingPlan
+from rankbygene.pp._normalize import check_not_log_normalized
 
 logger = logging.getLogger("rankbygene")
 
@@ -221,13 +223,17 @@ class RankByGene(BaseModelClass):
         image_key: str | None = None,
         features_key: str | None = None,
         is_log_normalized: bool = False,
+        check_layout: bool = True,
         **kwargs: Any,
     ) -> None:
         """Register an AnnData: expression, spot coordinates, libraries and images or features.
 
         The gene panel is ``adata.var_names`` at setup. Everything is validated before anything
-        is registered: counts finite and non-negative, no gene of zero variance, spots, libraries,
-        images and scale factors in place (or ``obsm[features_key]``).
+        is registered: counts finite, non-negative and not already log-normalised, no gene of
+        zero variance, spots, libraries, images and scale factors in place (or
+        ``obsm[features_key]``), spot coordinates in full-resolution pixels (not downscaled-image
+        pixels, divided by 10 or with x and y swapped, judged from the image size and the spot
+        diameter) and one patch per image decoded.
 
         Parameters
         ----------
@@ -248,7 +254,12 @@ class RankByGene(BaseModelClass):
             ``obsm`` key of precomputed image features (UNI, CONCH, ...) that replace pixels.
             Training standardises them (mean and sd of the training spots) before the heads.
         is_log_normalized
-            The expression is already log-normalised.
+            The expression is already log-normalised. Without it, expression whose values are
+            not integers and all below 20 is rejected as log-normalised.
+        check_layout
+            ``False`` logs what says the coordinates are in other units than full-resolution
+            pixels as warnings instead of raising, for unusual but valid layouts (e.g. a
+            ``spot_diameter_fullres`` set larger than the spot spacing).
 
         Examples
         --------
@@ -262,7 +273,14 @@ class RankByGene(BaseModelClass):
         setup_method_args = cls._get_setup_method_args(**locals())
         if "source_registry" not in kwargs:
             _validate_setup(
-                adata, layer, library_key, spatial_key, image_key, features_key, is_log_normalized
+                adata,
+                layer,
+                library_key,
+                spatial_key,
+                image_key,
+                features_key,
+                is_log_normalized,
+                check_layout,
             )
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not is_log_normalized),
@@ -917,6 +935,7 @@ def _validate_setup(
     image_key: str | None,
     features_key: str | None,
     is_log_normalized: bool,
+    check_layout: bool = True,
 ) -> None:
     """Every check of setup_anndata, before anything is written."""
     if not isinstance(adata, AnnData):
@@ -949,6 +968,7 @@ def _validate_setup(
                 f"{where} has {n_neg} negative values: counts are expected (or pass "
                 "is_log_normalized=True for log-normalised expression)."
             )
+        check_not_log_normalized(values, where)
     variance = _column_variance(matrix)
     constant = np.flatnonzero(variance <= 0)
     if constant.size:
@@ -974,7 +994,8 @@ def _validate_setup(
         if n_bad:
             raise ValueError(f"adata.obsm[{features_key!r}] has {n_bad} NaN or infinite values.")
     else:
-        image_sources(adata, np.unique(libraries), image_key=image_key)
+        sources = image_sources(adata, np.unique(libraries), image_key=image_key)
+        validate_layout(adata, sources, libraries, spatial_key, check_units=check_layout)
 
 
 def _column_variance(matrix: Any) -> np.ndarray:

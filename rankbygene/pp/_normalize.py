@@ -8,6 +8,7 @@ import scanpy as sc
 from anndata import AnnData
 from scipy import sparse
 
+from rankbygene._constants import LOG_NORMALIZED_MAX
 from rankbygene._logging import logger
 
 __all__ = ["normalize"]
@@ -67,6 +68,57 @@ def _check_counts(adata: AnnData, x, layer: str | None) -> None:
             f"({_first_position(x, neg, adata)}); expected raw counts "
             "(pass `layer=` naming the counts layer)"
         )
+
+
+def check_not_log_normalized(values: np.ndarray, where: str) -> None:
+    """Raise when expression meant as counts looks log-normalised.
+
+    It does when some values are not integers and all stay below ``LOG_NORMALIZED_MAX``: counts
+    are integers, and log1p of normalised counts is rarely above 10. Normalising such values a
+    second time would train on the wrong targets.
+
+    Parameters
+    ----------
+    values
+        The stored values (of a dense matrix, or ``.data`` of a sparse one), finite.
+    where
+        The matrix, for the message (e.g. ``"adata.layers['counts']"``).
+
+    Raises
+    ------
+    ValueError
+        The values look log-normalised; the message says what to pass instead.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.pp._normalize import check_not_log_normalized
+    >>> check_not_log_normalized(np.array([0.0, 3.0, 12.0]), "adata.X")  # counts: fine
+    >>> check_not_log_normalized(np.log1p([0.0, 3.0, 12.0]), "adata.X")
+    Traceback (most recent call last):
+    ...
+    ValueError: adata.X looks log-normalised: its values are not integers and ...
+    """
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 0 or flat.dtype.kind != "f":
+        return
+    top = float(flat.max())
+    if top >= LOG_NORMALIZED_MAX:
+        return
+    chunk = 1 << 22  # bounded temporaries on a large dense matrix; most stop at the first chunk
+    for start in range(0, flat.size, chunk):
+        part = flat[start : start + chunk]
+        if np.any(np.abs(part - np.rint(part)) > 1e-3):
+            break
+    else:
+        return
+    raise ValueError(
+        f"{where} looks log-normalised: its values are not integers and all stay below "
+        f"{LOG_NORMALIZED_MAX:g} (the largest is {top:.3g}), while counts are integers. Pass "
+        "the layer of raw counts (e.g. layer='counts'), or is_log_normalized=True to use these "
+        "values as they are. Counts that are not integers (corrected or smoothed) can be "
+        "rounded first (np.rint)."
+    )
 
 
 def _light_adata(adata: AnnData, x) -> AnnData:
