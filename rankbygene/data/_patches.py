@@ -16,7 +16,14 @@ from anndata import AnnData
 from rankbygene._constants import SPATIAL_KEY
 from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
-from rankbygene.io._image import BACKGROUND, ArrayImage, _resize, as_rgb_uint8, open_image
+from rankbygene.io._image import (
+    BACKGROUND,
+    ArrayImage,
+    _resize,
+    as_rgb_uint8,
+    is_lazy_array,
+    open_image,
+)
 
 __all__ = ["PatchExtractor"]
 
@@ -492,7 +499,11 @@ class PatchExtractor:
         for lib in self.libraries:
             source = self.sources[lib]
             add(lib, source.kind, source.scale, source.spot_diameter_fullres, self._shapes[lib])
-            if source.kind == "memory":
+            if source.kind == "memory" and is_lazy_array(self._arrays[lib]):
+                # a dask array's name is a token of its source and graph: no pixel is read
+                array = self._arrays[lib]
+                add(type(array).__name__, getattr(array, "name", None), str(array.dtype))
+            elif source.kind == "memory":
                 add(memoryview(np.ascontiguousarray(self._arrays[lib])).cast("B"))
             else:
                 path = source.path if source.kind == "file" else source.patches_path
@@ -554,7 +565,8 @@ def _match_patch_rows(source: ImageSource, names: np.ndarray) -> tuple[tuple[int
 
 def _memory_image(adata: AnnData, source: ImageSource) -> np.ndarray:
     image = adata.uns[SPATIAL_KEY][source.library_id]["images"][source.image_key]
-    array = np.asarray(image)
+    # a lazy (dask) image, e.g. a SpatialData element, stays lazy: patches read their regions
+    array = image if is_lazy_array(image) else np.asarray(image)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         raise ValueError(
             f"adata.uns['spatial'][{source.library_id!r}]['images'][{source.image_key!r}] must be "

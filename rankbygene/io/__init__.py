@@ -40,6 +40,16 @@ against the spots and recorded::
         "her2st/ST-spotfiles/C2_selection.tsv",
         "her2st/ST-imgs/C/C2/5714_HE_BT_C2.jpg",
     )
+
+**SpatialData** objects (e.g. from ``spatialdata-io``) are read with :func:`from_spatialdata`
+from a table and the circles it annotates, the H&E image element kept lazy; results go back
+with :func:`to_spatialdata`::
+
+    from rankbygene.io import from_spatialdata, to_spatialdata
+
+    adata = from_spatialdata(sdata, table_key="table")
+    ...
+    to_spatialdata(adata, sdata)  # obsm, layers and uns["rankbygene"] into sdata["table"]
 """
 
 from rankbygene.io._hest import read_hest
@@ -51,6 +61,7 @@ from rankbygene.io._image import (
     TiffImage,
     open_image,
 )
+from rankbygene.io._spatialdata import from_spatialdata, to_spatialdata
 from rankbygene.io._st import infer_spot_diameter, read_st
 
 __all__ = [
@@ -59,8 +70,10 @@ __all__ = [
     "OpenSlideImage",
     "PILImage",
     "TiffImage",
+    "from_spatialdata",
     "infer_spot_diameter",
     "open_image",
     "read_hest",
     "read_st",
+    "to_spatialdata",
 ]

@@ -24,7 +24,15 @@ from PIL import Image
 from rankbygene._logging import logger
 from rankbygene.io._errors import corrupt_file_error, is_decoder_error, reading_file
 
-__all__ = ["ArrayImage", "ImageReader", "OpenSlideImage", "PILImage", "TiffImage", "open_image"]
+__all__ = [
+    "ArrayImage",
+    "ImageReader",
+    "OpenSlideImage",
+    "PILImage",
+    "TiffImage",
+    "is_lazy_array",
+    "open_image",
+]
 
 BACKGROUND = 255  # white glass: what lies outside a slide's pixels
 _TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".ome.tiff", ".qptiff"}
@@ -223,7 +231,11 @@ class ImageReader(ABC):
 
 
 class ArrayImage(ImageReader):
-    """An in-memory image, e.g. ``uns["spatial"][lib]["images"]["hires"]``.
+    """An in-memory image, e.g. ``uns["spatial"][lib]["images"]["hires"]``, or a lazy array.
+
+    A lazy array (dask, zarr, xarray: anything array-like that is not a numpy array) is kept as
+    is and only the regions read are computed, so that a full-resolution image, e.g. a
+    SpatialData image element, is never loaded whole.
 
     Parameters
     ----------
@@ -233,13 +245,42 @@ class ArrayImage(ImageReader):
         Microns per pixel, if known.
     """
 
-    def __init__(self, array: np.ndarray, mpp: float | None = None) -> None:
-        self._array = as_rgb_uint8(array)
-        self.shape = self._array.shape[:2]
+    def __init__(self, array: Any, mpp: float | None = None) -> None:
+        self._lazy = is_lazy_array(array)
+        if self._lazy:
+            shape = tuple(int(s) for s in array.shape)
+            if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] not in (1, 3, 4)):
+                raise ValueError(
+                    f"image must be (H, W), (H, W, 3) or (H, W, 4); got shape {shape}."
+                )
+            self._array = array
+        else:
+            self._array = as_rgb_uint8(array)
+        self.shape = tuple(int(s) for s in self._array.shape[:2])
         self.mpp = mpp
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self._array[y : y + height, x : x + width]
+        region = self._array[y : y + height, x : x + width]
+        if not self._lazy:
+            return region
+        if hasattr(region, "compute"):  # dask: a patch is a few chunks, no thread pool needed
+            region = region.compute(scheduler="synchronous")
+        return as_rgb_uint8(np.asarray(region))
+
+
+def is_lazy_array(obj: Any) -> bool:
+    """Whether ``obj`` is an array read on demand (dask, zarr, xarray), not a numpy array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.io._image import is_lazy_array
+    >>> is_lazy_array(np.zeros((2, 2)))
+    False
+    """
+    return not isinstance(obj, np.ndarray) and all(
+        hasattr(obj, name) for name in ("shape", "dtype", "ndim", "__getitem__", "__array__")
+    )
 
 
 class PILImage(ImageReader):
@@ -670,7 +711,7 @@ def open_image(
     Parameters
     ----------
     source
-        A file path, an in-memory array, or a reader (returned as is).
+        A file path, an in-memory or lazy (dask, zarr) array, or a reader (returned as is).
     backend
         ``"auto"`` picks tifffile for TIFF/SVS, OpenSlide for other slide formats (when installed)
         and PIL for JPEG/PNG.
@@ -691,7 +732,7 @@ def open_image(
     """
     if isinstance(source, ImageReader):
         return source
-    if isinstance(source, np.ndarray):
+    if isinstance(source, np.ndarray) or is_lazy_array(source):
         return ArrayImage(source, mpp=mpp)
     path = Path(source)
     if not path.is_file():

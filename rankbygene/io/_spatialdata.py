@@ -1,0 +1,702 @@
+"""SpatialData in and out: a table, its circles and their H&E image as the package's AnnData layout,
+and embeddings and predictions written back into a SpatialData table.
+
+A SpatialData object keeps each element in its own (intrinsic) coordinates and maps them to shared
+coordinate systems by transformations; the package wants spot centres in the pixels of the
+full-resolution image. :func:`from_spatialdata` composes the two transformations (circles to a
+shared coordinate system, and back into the image's pixels) and hands the image element's dask
+array to the patch reader, so that pixels are read only where patches are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from PIL import Image
+
+from rankbygene._constants import (
+    GENE_EMBEDDING_KEY,
+    IMAGE_EMBEDDING_KEY,
+    LIBRARY_ID_KEY,
+    PREDICTED_LAYER_KEY,
+    SCALEFACTOR_SPOT_DIAMETER,
+    SPATIAL_KEY,
+    UNS_KEY,
+)
+from rankbygene._logging import logger
+from rankbygene.io._image import as_rgb_uint8, is_lazy_array
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+__all__ = ["from_spatialdata", "to_spatialdata"]
+
+#: ``uns["spatial"][library]["images"]`` key of the lazy full-resolution image (scale factor 1).
+FULLRES_IMAGE_KEY = "fullres"
+#: What :func:`to_spatialdata` writes by default, where ``adata`` has it: the package's outputs.
+DEFAULT_KEYS = (
+    IMAGE_EMBEDDING_KEY,
+    GENE_EMBEDDING_KEY,
+    PREDICTED_LAYER_KEY,
+    "X_patch_statistics",
+    "rank_consistency",
+)
+_ATTRS_KEY = "spatialdata_attrs"  # TableModel.ATTRS_KEY, without importing spatialdata
+
+
+def _import_spatialdata() -> Any:
+    try:
+        import spatialdata
+    except ImportError as err:
+        raise ImportError(
+            "SpatialData input and output need the spatialdata package: pip install spatialdata."
+        ) from err
+    return spatialdata
+
+
+def from_spatialdata(
+    sdata: SpatialData,
+    table_key: str = "table",
+    image_key: str | Mapping[str, str] | None = None,
+    shapes_key: str | Sequence[str] | None = None,
+    library_key: str = LIBRARY_ID_KEY,
+    hires_size: int = 2000,
+) -> AnnData:
+    """Read a SpatialData table, its circles and their image into the package's AnnData layout.
+
+    Each circles element that the table annotates becomes one library (named after the
+    element): its spot centres are transformed into the pixels of its full-resolution image
+    (through a coordinate system both share) and stored in ``obsm["spatial"]``, the circles'
+    diameter in the same pixels as ``spot_diameter_fullres``. The image element's dask array
+    (level 0 of a multiscale image) goes to ``uns["spatial"][library]["images"]["fullres"]``
+    with scale factor 1, so that patches are read from it region by region; a thumbnail
+    (``"hires"``, from the coarsest pyramid level that suffices) is computed for plotting.
+
+    Parameters
+    ----------
+    sdata
+        A :class:`spatialdata.SpatialData` object.
+    table_key
+        Table in ``sdata.tables`` with the counts; it must annotate circles elements (its
+        ``region``, ``region_key`` and ``instance_key``, as ``TableModel.parse`` writes them).
+    image_key
+        Image element of every library, or a mapping from circles element to image element.
+        ``None``: the sharpest image that shares a coordinate system with the circles (the
+        one with the most pixels per circles unit).
+    shapes_key
+        Circles element(s) to read, among those the table annotates; ``None``: all of them.
+    library_key
+        ``obs`` column written with each spot's library (the circles element's name).
+    hires_size
+        Longest side of the ``"hires"`` thumbnail, in pixels.
+
+    Returns
+    -------
+    A copy of the table's rows of the chosen elements (``X``, layers, ``obs``, ``var`` as in
+    the table) with ``obsm["spatial"]``, ``obs[library_key]`` and ``uns["spatial"]``; each
+    library's ``metadata`` names the table, circles and image elements it came from.
+
+    Raises
+    ------
+    KeyError
+        The table, an element, or the table's region/instance key is missing, or a table row
+        names a circle that the element lacks.
+    ValueError
+        An element is not circles, an image has neither 1, 3 nor 4 channels, no coordinate
+        system links the circles and the image, or the image is ambiguous.
+
+    Examples
+    --------
+    >>> import spatialdata as sd  # doctest: +SKIP
+    >>> import rankbygene as rbg  # doctest: +SKIP
+    >>> sdata = sd.read_zarr("visium.zarr")  # doctest: +SKIP
+    >>> adata = rbg.io.from_spatialdata(sdata, table_key="table")  # doctest: +SKIP
+    >>> rbg.RankByGene.setup_anndata(adata, library_key="library_id")  # doctest: +SKIP
+    """
+    _import_spatialdata()
+    if int(hires_size) < 1:
+        raise ValueError(f"hires_size must be a positive int; got {hires_size!r}.")
+    table = _table(sdata, table_key)
+    regions, region_key, instance_key = _table_attrs(table, table_key)
+    libraries = _chosen_shapes(sdata, table_key, regions, shapes_key)
+    obs_region = table.obs[region_key].astype(str).to_numpy()
+    keep = np.isin(obs_region, libraries)
+    coords = np.zeros((table.n_obs, 2), dtype=np.float64)
+    spatial: dict[str, Any] = {}
+    thumbnails: dict[str, tuple[np.ndarray, float]] = {}  # an image shared by several libraries
+    for library in libraries:
+        shapes = sdata.shapes[library]
+        _check_circles(shapes, library)
+        image_name = _chosen_image(sdata, library, image_key)
+        image = sdata.images[image_name]
+        affine = _shapes_to_pixels(sdata, library, image_name)
+        rows = np.flatnonzero(obs_region == library)
+        positions = _instance_positions(shapes, table.obs[instance_key].to_numpy()[rows], library)
+        xy = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
+        xy = xy[positions]
+        coords[rows] = xy @ affine[:2, :2].T + affine[:2, 2]
+        # a circle stays a circle only under similarity transforms; sqrt|det| keeps its area
+        pixels_per_unit = float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
+        diameter = _diameter(shapes["radius"].to_numpy()[positions] * 2 * pixels_per_unit, library)
+        levels = _levels(image, image_name)
+        if image_name not in thumbnails:
+            thumbnails[image_name] = _thumbnail(levels, hires_size)
+        hires, scale = thumbnails[image_name]
+        spatial[library] = {
+            "images": {"hires": hires, FULLRES_IMAGE_KEY: levels[0]},
+            "scalefactors": {
+                SCALEFACTOR_SPOT_DIAMETER: diameter,
+                "tissue_hires_scalef": scale,
+                f"tissue_{FULLRES_IMAGE_KEY}_scalef": 1.0,
+            },
+            "metadata": {
+                "spatialdata_table": table_key,
+                "spatialdata_shapes": library,
+                "spatialdata_image": image_name,
+            },
+        }
+        logger.info(
+            "library %r: %d spots, image %r (%d x %d pixels), spot diameter %.1f pixels",
+            library,
+            len(rows),
+            image_name,
+            levels[0].shape[1],
+            levels[0].shape[0],
+            diameter,
+        )
+    adata = table[keep].copy()
+    adata.obsm[SPATIAL_KEY] = coords[keep]
+    adata.obs[library_key] = pd.Categorical(obs_region[keep], categories=libraries)
+    adata.uns[SPATIAL_KEY] = spatial
+    attrs = dict(adata.uns.get(_ATTRS_KEY, {}))
+    attrs["region"] = libraries if len(libraries) > 1 else libraries[0]
+    adata.uns[_ATTRS_KEY] = attrs
+    return adata
+
+
+def to_spatialdata(
+    adata: AnnData,
+    sdata: SpatialData | None = None,
+    table_key: str = "table",
+    keys: Sequence[str] | None = None,
+    predicted_table_key: str | None = None,
+    library_key: str | None = None,
+    instance_key: str = "spot_id",
+) -> SpatialData:
+    """Put embeddings and predicted expression where squidpy and spatialdata-plot find them.
+
+    With ``sdata`` (e.g. the object :func:`from_spatialdata` read), ``adata``'s rows are matched
+    to the table's by the table's region and instance keys (else by ``obs_names``) and ``keys``
+    are written into the table in place: ``obsm`` entries as ``obsm``, ``obs`` columns as
+    ``obs``, and a layer as a layer when ``adata`` has the table's genes. A layer over other
+    genes (a prediction over the model's panel) goes to a new table, ``predicted_table_key``,
+    annotating the same circles, its values in ``X`` and in the layer. ``uns["rankbygene"]``
+    (what produced the results) is copied. Table rows that ``adata`` lacks get NaN.
+
+    Without ``sdata``, a new object is built from ``adata``'s layout: per library, a circles
+    element named after the library (centres ``obsm["spatial"]``, radius half of
+    ``spot_diameter_fullres``) and an image element (the lazy ``"fullres"`` image when there
+    is one, else the sharpest in-memory image, scaled back to full-resolution pixels), both in
+    the coordinate system ``"global"`` (one library) or named after each library; and the whole
+    ``adata`` as the table annotating the circles.
+
+    Parameters
+    ----------
+    adata
+        AnnData in the package's layout, with the results.
+    sdata
+        SpatialData to write into (in place), or ``None`` for a new one.
+    table_key
+        Table of ``sdata`` to write into, or the name of the new object's table.
+    keys
+        ``obsm`` keys, layers and ``obs`` columns of ``adata`` to write (looked up in that
+        order). ``None``: those of the package's outputs that ``adata`` has
+        (``X_rankbygene``, ``X_rankbygene_gene``, ``rankbygene_predicted``,
+        ``X_patch_statistics``, ``rank_consistency``).
+    predicted_table_key
+        Table for layers over genes other than the table's; default
+        ``"<table_key>_rankbygene"``.
+    library_key
+        ``obs`` column of libraries (new object only); default found as ``setup_anndata``
+        does. Library ids must be valid element names (letters, digits, ``_``, ``-``, ``.``).
+    instance_key
+        ``obs`` column of circle ids written to the new object's table.
+
+    Returns
+    -------
+    ``sdata``, written into, or the new SpatialData. To save the table of a disk-backed
+    object: ``sdata.delete_element_from_disk(table_key)``, then
+    ``sdata.write_element(table_key)`` (spatialdata does not overwrite an element in its own
+    store).
+
+    Raises
+    ------
+    KeyError
+        The table, or a key of ``keys``, is missing.
+    ValueError
+        Rows of ``adata`` match no row of the table.
+
+    Examples
+    --------
+    >>> adata = rbg.io.from_spatialdata(sdata)  # doctest: +SKIP
+    >>> adata.obsm["X_rankbygene"] = model.get_image_representation(adata)  # doctest: +SKIP
+    >>> model.predict_expression(adata)  # doctest: +SKIP
+    >>> rbg.io.to_spatialdata(adata, sdata)  # doctest: +SKIP
+    >>> import spatialdata_plot  # doctest: +SKIP
+    >>> sdata.pl.render_shapes(  # doctest: +SKIP
+    ...     color="ERBB2", table_layer="rankbygene_predicted"
+    ... ).pl.show()
+    """
+    _import_spatialdata()
+    explicit = keys is not None
+    keys = list(DEFAULT_KEYS if keys is None else keys)
+    found = {key: _where(adata, key) for key in keys}
+    missing = [key for key, where in found.items() if where is None]
+    if explicit and missing:
+        raise KeyError(
+            f"adata has no {missing} in obsm, layers or obs (obsm: {list(adata.obsm)}, "
+            f"layers: {list(adata.layers)})."
+        )
+    found = {key: where for key, where in found.items() if where is not None}
+    if sdata is None:
+        return _new_spatialdata(adata, found, table_key, library_key, instance_key)
+    _write_into(adata, sdata, found, table_key, predicted_table_key)
+    return sdata
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _table(sdata: SpatialData, table_key: str) -> AnnData:
+    if table_key not in sdata.tables:
+        raise KeyError(
+            f"sdata has no table {table_key!r} (tables: {list(sdata.tables)}): pass table_key."
+        )
+    return sdata.tables[table_key]
+
+
+def _table_attrs(table: AnnData, table_key: str) -> tuple[list[str], str, str]:
+    """The elements the table annotates, and the ``obs`` columns naming them and their rows."""
+    attrs = table.uns.get(_ATTRS_KEY) or {}
+    regions, region_key = attrs.get("region"), attrs.get("region_key")
+    instance_key = attrs.get("instance_key")
+    if regions is None or region_key is None or instance_key is None:
+        raise KeyError(
+            f"Table {table_key!r} annotates no element: its uns[{_ATTRS_KEY!r}] lacks 'region', "
+            "'region_key' or 'instance_key' (set them with "
+            "spatialdata.models.TableModel.parse(table, region=..., region_key=..., "
+            "instance_key=...))."
+        )
+    for key in (region_key, instance_key):
+        if key not in table.obs:
+            raise KeyError(
+                f"Table {table_key!r} has no obs column {key!r}, which its uns[{_ATTRS_KEY!r}] "
+                f"names (columns: {list(table.obs.columns)})."
+            )
+    regions = [regions] if isinstance(regions, str) else [str(r) for r in regions]
+    return regions, str(region_key), str(instance_key)
+
+
+def _chosen_shapes(
+    sdata: SpatialData, table_key: str, regions: list[str], shapes_key: str | Sequence[str] | None
+) -> list[str]:
+    if shapes_key is None:
+        chosen = [region for region in regions if region in sdata.shapes]
+        if not chosen:
+            raise KeyError(
+                f"Table {table_key!r} annotates {regions}, none of them a shapes element of sdata "
+                f"(shapes: {list(sdata.shapes)})."
+            )
+        skipped = [region for region in regions if region not in chosen]
+        if skipped:
+            logger.info("table %r: skipping %s, which are no shapes elements", table_key, skipped)
+        return chosen
+    chosen = [shapes_key] if isinstance(shapes_key, str) else [str(s) for s in shapes_key]
+    for name in chosen:
+        if name not in sdata.shapes:
+            raise KeyError(f"sdata has no shapes element {name!r} (shapes: {list(sdata.shapes)}).")
+        if name not in regions:
+            raise KeyError(
+                f"Table {table_key!r} does not annotate shapes {name!r} (it annotates {regions})."
+            )
+    return chosen
+
+
+def _check_circles(shapes: Any, name: str) -> None:
+    types = set(shapes.geometry.geom_type.unique())
+    if types != {"Point"} or "radius" not in shapes.columns:
+        raise ValueError(
+            f"Shapes {name!r} are not circles (geometry {sorted(types)}, columns "
+            f"{list(shapes.columns)}): spots need points with a 'radius' column "
+            "(spatialdata.to_circles makes them from polygons)."
+        )
+    if not shapes.index.is_unique:
+        raise ValueError(f"Shapes {name!r} have repeated index values: circles cannot be matched.")
+
+
+def _chosen_image(
+    sdata: SpatialData, library: str, image_key: str | Mapping[str, str] | None
+) -> str:
+    if isinstance(image_key, Mapping):
+        if library not in image_key:
+            raise KeyError(
+                f"image_key has no image for shapes {library!r} (keys: {list(image_key)})."
+            )
+        image_key = image_key[library]
+    if image_key is not None:
+        if image_key not in sdata.images:
+            raise KeyError(
+                f"sdata has no image element {image_key!r} (images: {list(sdata.images)})."
+            )
+        return str(image_key)
+    from spatialdata.transformations import get_transformation
+
+    systems = set(get_transformation(sdata.shapes[library], get_all=True))
+    candidates = {}
+    for name, image in sdata.images.items():
+        if not systems & set(get_transformation(image, get_all=True)):
+            continue
+        affine = _shapes_to_pixels(sdata, library, name)
+        candidates[name] = abs(float(np.linalg.det(affine[:2, :2])))
+    if not candidates:
+        raise KeyError(
+            f"No image element shares a coordinate system with shapes {library!r} (its systems: "
+            f"{sorted(systems)}; images: {list(sdata.images)}): pass image_key."
+        )
+    best = max(candidates.values())
+    sharpest = [name for name, det in candidates.items() if np.isclose(det, best, rtol=1e-6)]
+    if len(sharpest) > 1:
+        raise ValueError(
+            f"Images {sharpest} are equally sharp for shapes {library!r}: pass image_key "
+            "(a name, or a mapping from shapes to image)."
+        )
+    if len(candidates) > 1:
+        logger.info(
+            "shapes %r: image %r, the sharpest of %s", library, sharpest[0], sorted(candidates)
+        )
+    return sharpest[0]
+
+
+def _shapes_to_pixels(sdata: SpatialData, shapes_name: str, image_name: str) -> np.ndarray:
+    """3 x 3 affine matrix from the circles' coordinates to the image's level-0 pixels (x, y)."""
+    from spatialdata.transformations import get_transformation_between_coordinate_systems
+
+    try:
+        transformation = get_transformation_between_coordinate_systems(
+            sdata, sdata.shapes[shapes_name], sdata.images[image_name]
+        )
+    except Exception as err:  # networkx and spatialdata raise several types for "no path"
+        raise ValueError(
+            f"No coordinate system links shapes {shapes_name!r} and image {image_name!r}: {err}"
+        ) from err
+    affine = np.asarray(
+        transformation.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), float
+    )
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:2, :2])) == 0:
+        raise ValueError(
+            f"The transformation from shapes {shapes_name!r} to image {image_name!r} is singular."
+        )
+    return affine
+
+
+def _instance_positions(shapes: Any, instances: np.ndarray, library: str) -> np.ndarray:
+    """Row of each table instance id in the circles element."""
+    positions = shapes.index.get_indexer(instances)
+    if (positions < 0).any():  # ids stored as strings on one side, numbers on the other
+        as_str = pd.Index(shapes.index.astype(str)).get_indexer(pd.Index(instances).astype(str))
+        positions = np.where(positions < 0, as_str, positions)
+    missing = positions < 0
+    if missing.any():
+        raise KeyError(
+            f"{int(missing.sum())} table rows of region {library!r} name circles that shapes "
+            f"{library!r} lacks (first ids: {instances[missing][:3].tolist()})."
+        )
+    return positions
+
+
+def _diameter(diameters: np.ndarray, library: str) -> float:
+    diameters = diameters[np.isfinite(diameters) & (diameters > 0)]
+    if not len(diameters):
+        raise ValueError(f"Shapes {library!r} have no positive radius: the patch size needs one.")
+    diameter = float(np.median(diameters))
+    if np.ptp(diameters) > 0.01 * diameter:
+        logger.warning(
+            "shapes %r: circle diameters range %.1f-%.1f pixels; patches use the median, %.1f",
+            library,
+            diameters.min(),
+            diameters.max(),
+            diameter,
+        )
+    return diameter
+
+
+def _levels(image: Any, name: str) -> list[Any]:
+    """Pyramid levels as lazy ``(y, x, c)`` arrays, finest first."""
+    from spatialdata import get_pyramid_levels
+
+    arrays = get_pyramid_levels(image) if hasattr(image, "children") else [image]
+    if "c" in arrays[0].dims and arrays[0].sizes["c"] not in (1, 3, 4):
+        raise ValueError(
+            f"Image {name!r} has {arrays[0].sizes['c']} channels; H&E needs 1, 3 or 4."
+        )
+    order = ("y", "x", "c") if "c" in arrays[0].dims else ("y", "x")
+    # transposing a dask-backed DataArray is lazy: no pixel is read here
+    return [array.transpose(*order).data for array in arrays]
+
+
+def _thumbnail(levels: list[Any], max_side: int) -> tuple[np.ndarray, float]:
+    """A ``(H, W, 3)`` uint8 thumbnail and its scale, read from the coarsest level that suffices."""
+    import dask.array as da
+
+    height, width = (int(s) for s in levels[0].shape[:2])
+    scale = min(1.0, max_side / max(height, width))
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    level = next(
+        (lvl for lvl in reversed(levels) if lvl.shape[0] >= out_h and lvl.shape[1] >= out_w),
+        levels[0],
+    )
+    level_h, level_w = (int(s) for s in level.shape[:2])
+    array = level if is_lazy_array(level) else np.asarray(level)
+    factor = max(1, min(level_h // out_h, level_w // out_w))
+    if factor > 1:
+        # block means chunk by chunk, so that a level much larger than memory is never held
+        array = da.asarray(array)
+        pad = [(0, -level_h % factor), (0, -level_w % factor)] + [(0, 0)] * (array.ndim - 2)
+        array = da.pad(array, pad, mode="edge")
+        array = da.coarsen(np.mean, array, {0: factor, 1: factor})
+        if np.issubdtype(level.dtype, np.integer):
+            array = da.round(array)
+        array = array.astype(level.dtype)
+    small = as_rgb_uint8(np.asarray(array), name="thumbnail")
+    # the padded edge is left out: the box is the level's own extent, in block units
+    box = (0.0, 0.0, level_w / factor, level_h / factor)
+    resized = Image.fromarray(np.ascontiguousarray(small)).resize(
+        (out_w, out_h), Image.Resampling.BILINEAR, box=box
+    )
+    return np.asarray(resized), float(scale)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _where(adata: AnnData, key: str) -> str | None:
+    for where in ("obsm", "layers", "obs"):
+        if key in getattr(adata, where):
+            return where
+    return None
+
+
+def _values(adata: AnnData, key: str, where: str) -> Any:
+    if where == "obs":
+        return adata.obs[key]
+    values = getattr(adata, where)[key]
+    return values.to_numpy() if isinstance(values, pd.DataFrame) else values
+
+
+def _dense(values: Any) -> np.ndarray:
+    values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
+    return values if np.issubdtype(values.dtype, np.floating) else values.astype(np.float32)
+
+
+def _table_rows(adata: AnnData, table: AnnData, table_key: str) -> np.ndarray:
+    """Row of the table for each row of ``adata``: by region and instance keys, else obs_names."""
+    attrs = table.uns.get(_ATTRS_KEY) or {}
+    region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
+    if region_key in adata.obs and instance_key in adata.obs and region_key in table.obs:
+        ours = pd.MultiIndex.from_arrays(
+            [adata.obs[region_key].astype(str), adata.obs[instance_key].astype(str)]
+        )
+        theirs = pd.MultiIndex.from_arrays(
+            [table.obs[region_key].astype(str), table.obs[instance_key].astype(str)]
+        )
+        how = f"obs[{region_key!r}] and obs[{instance_key!r}]"
+    else:
+        ours, theirs, how = adata.obs_names, table.obs_names, "obs_names"
+    if not theirs.is_unique:
+        raise ValueError(f"Table {table_key!r} has repeated {how}: rows cannot be matched.")
+    rows = theirs.get_indexer(ours)
+    if (rows < 0).any():
+        raise ValueError(
+            f"{int((rows < 0).sum())} rows of adata match no row of table {table_key!r} by "
+            f"{how} (first: {list(adata.obs_names[rows < 0][:3])})."
+        )
+    return rows
+
+
+def _scattered(values: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """``values`` placed at ``rows`` of an array of ``n_rows`` rows, NaN elsewhere."""
+    out = np.full((n_rows, *values.shape[1:]), np.nan, dtype=values.dtype)
+    out[rows] = values
+    return out
+
+
+def _write_into(
+    adata: AnnData,
+    sdata: SpatialData,
+    found: dict[str, str],
+    table_key: str,
+    predicted_table_key: str | None,
+) -> None:
+    from spatialdata.models import TableModel
+
+    table = _table(sdata, table_key)
+    _table_attrs(table, table_key)  # fails early on a table that annotates nothing
+    rows = _table_rows(adata, table, table_key)
+    same_genes = set(adata.var_names) == set(table.var_names) and adata.n_vars == table.n_vars
+    other_layers = []
+    for key, where in found.items():
+        values = _values(adata, key, where)
+        if where == "obs":
+            column = values.set_axis(rows).reindex(range(table.n_obs))  # NaN where adata lacks
+            table.obs[key] = column.set_axis(table.obs.index)
+        elif where == "obsm":
+            table.obsm[key] = _scattered(_dense(values), rows, table.n_obs)
+        elif same_genes:
+            order = pd.Index(adata.var_names).get_indexer(table.var_names)
+            table.layers[key] = _scattered(_dense(values)[:, order], rows, table.n_obs)
+        else:
+            other_layers.append(key)
+    if UNS_KEY in adata.uns:
+        table.uns[UNS_KEY] = adata.uns[UNS_KEY]
+    written = [key for key in found if key not in other_layers]
+    logger.info("table %r: wrote %s", table_key, written)
+    if not other_layers:
+        return
+    name = predicted_table_key or f"{table_key}_rankbygene"
+    attrs = table.uns[_ATTRS_KEY]
+    obs = table.obs.iloc[rows][[attrs["region_key"], attrs["instance_key"]]].copy()
+    obs.index = adata.obs_names.astype(str)
+    first = _dense(_values(adata, other_layers[0], "layers")).astype(np.float32)
+    predicted = AnnData(X=first, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+    for key in other_layers:
+        predicted.layers[key] = _dense(_values(adata, key, "layers"))
+    for key, where in found.items():
+        if where == "obsm":
+            predicted.obsm[key] = _dense(_values(adata, key, where))
+    if UNS_KEY in adata.uns:
+        predicted.uns[UNS_KEY] = adata.uns[UNS_KEY]
+    regions = list(pd.unique(obs[attrs["region_key"]].astype(str)))
+    # the region column must list only the regions present, as categories
+    predicted.obs[attrs["region_key"]] = pd.Categorical(
+        obs[attrs["region_key"]].astype(str), categories=regions
+    )
+    sdata.tables[name] = TableModel.parse(
+        predicted,
+        region=regions if len(regions) > 1 else regions[0],
+        region_key=attrs["region_key"],
+        instance_key=attrs["instance_key"],
+    )
+    logger.info(
+        "adata's genes differ from table %r's: wrote %s to new table %r",
+        table_key,
+        other_layers,
+        name,
+    )
+
+
+def _new_spatialdata(
+    adata: AnnData,
+    found: dict[str, str],
+    table_key: str,
+    library_key: str | None,
+    instance_key: str,
+) -> SpatialData:
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    # rankbygene._layout imports rankbygene.io: imported here, not at the top, to avoid a cycle
+    from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
+
+    library_key = resolve_library_key(adata, library_key)
+    libraries = spot_libraries(adata, library_key)
+    coords = spatial_coordinates(adata)
+    spatial = adata.uns.get(SPATIAL_KEY) or {}
+    names = list(pd.unique(libraries))
+    images, shapes = {}, {}
+    instances = np.zeros(adata.n_obs, dtype=np.int64)
+    for library in names:
+        system = "global" if len(names) == 1 else library
+        rows = np.flatnonzero(libraries == library)
+        instances[rows] = np.arange(len(rows))
+        entry = spatial.get(library) or {}
+        scalefactors = entry.get("scalefactors") or {}
+        diameter = scalefactors.get(SCALEFACTOR_SPOT_DIAMETER)
+        if diameter is None:
+            raise KeyError(
+                f"adata.uns[{SPATIAL_KEY!r}][{library!r}]['scalefactors'] has no "
+                f"{SCALEFACTOR_SPOT_DIAMETER!r}: the circles' radius is half of it."
+            )
+        shapes[library] = ShapesModel.parse(
+            coords[rows],
+            geometry=0,
+            radius=np.full(len(rows), float(diameter) / 2),
+            index=np.arange(len(rows)),
+            transformations={system: Identity()},
+        )
+        image = _sharpest_image(entry, library)
+        if image is not None:
+            key, array, scale = image
+            name = f"{library}_full_image" if scale == 1.0 else f"{library}_{key}_image"
+            transform = Identity() if scale == 1.0 else Scale([1 / scale] * 2, axes=("y", "x"))
+            dims = ("y", "x", "c") if array.ndim == 3 else ("y", "x")
+            images[name] = Image2DModel.parse(array, dims=dims, transformations={system: transform})
+    table = AnnData(
+        X=adata.X,
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+        layers=dict(adata.layers),
+        obsm=dict(adata.obsm),
+        uns={key: value for key, value in adata.uns.items() if not key.startswith("_scvi")},
+    )
+    region_key = library_key if library_key is not None else "region"
+    if region_key not in table.obs:
+        table.obs[region_key] = libraries
+    table.obs[region_key] = pd.Categorical(table.obs[region_key].astype(str), categories=names)
+    table.obs[instance_key] = instances
+    # lazy full-resolution images live in the image elements; the table keeps the thumbnails
+    table.uns[SPATIAL_KEY] = {
+        library: {
+            **entry,
+            "images": {
+                key: image
+                for key, image in (entry.get("images") or {}).items()
+                if not is_lazy_array(image)
+            },
+        }
+        for library, entry in spatial.items()
+        if isinstance(entry, Mapping)
+    }
+    table.uns.pop(_ATTRS_KEY, None)
+    table = TableModel.parse(
+        table,
+        region=names if len(names) > 1 else names[0],
+        region_key=region_key,
+        instance_key=instance_key,
+    )
+    logger.info(
+        "new SpatialData: %d libraries, table %r with %s", len(names), table_key, list(found)
+    )
+    return SpatialData(images=images, shapes=shapes, tables={table_key: table})
+
+
+def _sharpest_image(entry: Mapping[str, Any], library: str) -> tuple[str, Any, float] | None:
+    """``(key, image, scale)`` of the library's image with the largest scale factor, if any."""
+    images = entry.get("images") or {}
+    scalefactors = entry.get("scalefactors") or {}
+    scales = {}
+    for key in images:
+        try:
+            scales[key] = float(scalefactors.get(f"tissue_{key}_scalef"))
+        except (TypeError, ValueError):
+            continue
+    scales = {key: s for key, s in scales.items() if np.isfinite(s) and s > 0}
+    if not scales:
+        logger.warning("library %r: no image with a scale factor; circles only", library)
+        return None
+    key = max(scales, key=scales.get)
+    return key, images[key], scales[key]
