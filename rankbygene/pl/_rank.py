@@ -13,9 +13,9 @@ from matplotlib.axes import Axes
 from rankbygene._constants import IMAGE_EMBEDDING_KEY
 from rankbygene.pl._utils import new_axes, show_or_save
 from rankbygene.tl._rank_consistency import (
+    candidate_similarities,
     gene_side_rows,
     representation,
-    spearman_rows,
     unit_rows,
 )
 from rankbygene.tl._rank_consistency import (
@@ -107,13 +107,12 @@ def rank_consistency(
     )
     for ax, name in zip(axes, anchors, strict=False):
         i = adata.obs_names.get_loc(name)
-        same = np.flatnonzero((libraries == libraries[i]) & (np.arange(adata.n_obs) != i))
-        s_gene = gene[same] @ gene[i]
-        s_image = image[same] @ image[i]
-        k = len(same) if n_neighbors is None else min(n_neighbors, len(same))
-        top = np.argsort(-s_gene)[:k]
-        rho = spearman_rows(s_image[None, top], s_gene[None, top])[0]
-        ax.scatter(s_gene[top], s_image[top], s=12, alpha=0.8)
+        rows = np.flatnonzero(libraries == libraries[i])
+        anchor = np.searchsorted(rows, [i])  # the anchor's row within its library
+        s_image, s_gene = candidate_similarities(image[rows], gene[rows], anchor, n_neighbors)
+        s_image, s_gene = s_image[0], s_gene[0]
+        rho = scores.iloc[i]  # the anchor's score, from the candidates plotted here
+        ax.scatter(s_gene, s_image, s=12, alpha=0.8)
         ax.set_title(f"{name}\nrho = {rho:.2f}", fontsize=9)
         ax.set_xlabel("gene-side similarity")
         ax.set_ylabel("image-side similarity")

@@ -13,7 +13,10 @@ from anndata import AnnData
 from scipy import sparse
 
 from rankbygene._logging import logger
-from rankbygene.pp._normalize import _check_counts, _get_matrix, _light_adata, _where
+from rankbygene.pp._normalize import check_counts as _check_counts
+from rankbygene.pp._normalize import get_matrix as _get_matrix
+from rankbygene.pp._normalize import light_adata as _light_adata
+from rankbygene.pp._normalize import matrix_name as _where
 
 __all__ = ["PANEL_KEY", "select_genes"]
 

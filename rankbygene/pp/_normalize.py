@@ -14,11 +14,12 @@ from rankbygene._logging import logger
 __all__ = ["normalize"]
 
 
-def _where(layer: str | None) -> str:
+def matrix_name(layer: str | None) -> str:
+    """How messages name the matrix of ``layer``: ``adata.X`` or ``adata.layers['<layer>']``."""
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
-def _get_matrix(adata: AnnData, layer: str | None):
+def get_matrix(adata: AnnData, layer: str | None):
     """The expression matrix in ``layer`` (or ``X``); raises KeyError naming a missing layer."""
     if layer is None:
         if adata.X is None:
@@ -31,7 +32,7 @@ def _get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def _values(x) -> np.ndarray:
+def stored_values(x) -> np.ndarray:
     """The stored values of a dense or sparse matrix (without densifying)."""
     if sparse.issparse(x):
         return x.data
@@ -49,22 +50,22 @@ def _first_position(x, bad_values: np.ndarray, adata: AnnData) -> str:
     return f"first at spot {adata.obs_names[row]!r}, gene {adata.var_names[col]!r}"
 
 
-def _check_counts(adata: AnnData, x, layer: str | None) -> None:
+def check_counts(adata: AnnData, x, layer: str | None) -> None:
     """Raise ValueError when counts contain NaN/inf or negative values, saying where."""
-    values = _values(x)
+    values = stored_values(x)
     if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"{_where(layer)} must be numeric, got dtype {values.dtype}")
+        raise ValueError(f"{matrix_name(layer)} must be numeric, got dtype {values.dtype}")
     if np.issubdtype(values.dtype, np.floating):
         bad = ~np.isfinite(values)
         if bad.any():
             raise ValueError(
-                f"{_where(layer)} contains {int(bad.sum())} NaN or infinite values "
+                f"{matrix_name(layer)} contains {int(bad.sum())} NaN or infinite values "
                 f"({_first_position(x, bad, adata)}); counts must be finite"
             )
     neg = values < 0
     if neg.any():
         raise ValueError(
-            f"{_where(layer)} contains {int(neg.sum())} negative values "
+            f"{matrix_name(layer)} contains {int(neg.sum())} negative values "
             f"({_first_position(x, neg, adata)}); expected raw counts "
             "(pass `layer=` naming the counts layer)"
         )
@@ -121,7 +122,7 @@ def check_not_log_normalized(values: np.ndarray, where: str) -> None:
     )
 
 
-def _light_adata(adata: AnnData, x) -> AnnData:
+def light_adata(adata: AnnData, x) -> AnnData:
     """Throw-away AnnData holding only a matrix, so scanpy writes nothing into the user's one."""
     return AnnData(
         X=x,
@@ -133,7 +134,7 @@ def _light_adata(adata: AnnData, x) -> AnnData:
 def _lognormalize(adata: AnnData, x, target_sum: float | None):
     """``log1p(x / total * target_sum)`` through scanpy, on a float32 copy of ``x``."""
     x = x.astype(np.float32, copy=True) if sparse.issparse(x) else np.array(x, dtype=np.float32)
-    light = _light_adata(adata, x)
+    light = light_adata(adata, x)
     sc.pp.normalize_total(light, target_sum=target_sum)
     sc.pp.log1p(light)
     return light.X
@@ -199,8 +200,8 @@ def normalize(
             f"key_added={key_added!r} would overwrite the counts in layer {layer!r}; "
             "choose another key"
         )
-    x = _get_matrix(adata, layer)
-    _check_counts(adata, x, layer)
+    x = get_matrix(adata, layer)
+    check_counts(adata, x, layer)
 
     result = _lognormalize(adata, x, target_sum)
     out = adata.copy() if copy else adata
@@ -208,7 +209,7 @@ def normalize(
     logger.info(
         "added layers[%r] (log1p of counts in %s normalised to %s per spot)",
         key_added,
-        _where(layer),
+        matrix_name(layer),
         "the median total" if target_sum is None else f"{target_sum:g}",
     )
     return out if copy else None

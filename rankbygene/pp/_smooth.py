@@ -13,7 +13,7 @@ from scipy.spatial import cKDTree
 
 from rankbygene._constants import SPATIAL_KEY
 from rankbygene._logging import logger, quiet_third_party_imports
-from rankbygene.pp._normalize import _get_matrix, _values, _where
+from rankbygene.pp._normalize import get_matrix, matrix_name, stored_values
 
 with quiet_third_party_imports():
     import squidpy as sq
@@ -210,12 +210,12 @@ def smooth_expression(
         library = pd.Categorical(adata.obs[library_key])
         if (library.codes < 0).any():
             raise ValueError(f"adata.obs[{library_key!r}] contains missing values")
-    x = _get_matrix(adata, layer)
-    values = _values(x)
+    x = get_matrix(adata, layer)
+    values = stored_values(x)
     if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"{_where(layer)} must be numeric, got dtype {values.dtype}")
+        raise ValueError(f"{matrix_name(layer)} must be numeric, got dtype {values.dtype}")
     if not np.isfinite(values).all():
-        raise ValueError(f"{_where(layer)} contains NaN or infinite values")
+        raise ValueError(f"{matrix_name(layer)} contains NaN or infinite values")
     if key_added is None:
         key_added = f"{layer or 'X'}_smoothed"
     codes = library.codes if library is not None else np.zeros(adata.n_obs, dtype=np.int64)
@@ -241,7 +241,7 @@ def smooth_expression(
     logger.info(
         "added layers[%r] (%s averaged over %d ring(s) of %s grid neighbours%s)",
         key_added,
-        _where(layer),
+        matrix_name(layer),
         n_rings,
         "hexagonal" if n_neighs == 6 else f"{n_neighs}-neighbour",
         f" per {library_key!r}" if library_key else "",

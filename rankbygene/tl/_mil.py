@@ -11,7 +11,16 @@ import torch
 from torch import nn
 
 from rankbygene._logging import logger
-from rankbygene.tl._slide import Bags, CrossValidationResult, align, as_table
+from rankbygene.tl._cv import (
+    CrossValidationResult,
+    align,
+    as_table,
+    cross_validate,
+    make_folds,
+    slide_matrix,
+    summarize_folds,
+)
+from rankbygene.tl._slide import Bags
 
 __all__ = ["GatedAttentionMIL", "SlideClassifier", "fit_slide_classifier"]
 
@@ -165,7 +174,7 @@ class SlideClassifier:
         y = _check_labels(align(labels, ids, "labels"), ids, n_splits=None)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if self.method == "logistic":
-            self._fit_logistic(_matrix(matrix, bags, ids), codes)
+            self._fit_logistic(slide_matrix(matrix, bags), codes)
         else:
             if bags is None:
                 raise ValueError(
@@ -180,7 +189,7 @@ class SlideClassifier:
         self._check_fitted()
         ids, matrix, bags = as_table(features)
         if self.method == "logistic":
-            return self._estimator.predict_proba(_matrix(matrix, bags, ids))
+            return self._estimator.predict_proba(slide_matrix(matrix, bags))
         if bags is None:
             raise ValueError("method='abmil' predicts from bags (the tiles of each slide).")
         return self._predict_abmil([bags[s] for s in ids])[0]
@@ -327,7 +336,6 @@ def fit_slide_classifier(
     >>> result.summary.loc["auc"]  # doctest: +SKIP
     """
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
-    from sklearn.model_selection import StratifiedKFold
 
     ids, matrix, bags = as_table(features)
     if method == "auto":
@@ -342,41 +350,33 @@ def fit_slide_classifier(
     n_splits = cv if isinstance(cv, int) else None
     y = _check_labels(align(labels, ids, "labels"), ids, n_splits=n_splits)
     classes, codes = np.unique(y, return_inverse=True)
-    splitter = (
-        StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed) if isinstance(cv, int) else cv
-    )
+    splitter = make_folds(cv, seed)
     data = {s: bags[s] for s in ids} if bags is not None else pd.DataFrame(matrix, index=ids)
-    probabilities = np.full((len(ids), len(classes)), np.nan)
-    fold_of = np.full(len(ids), -1, dtype=np.int64)
-    rows = []
-    for k, (train, test) in enumerate(splitter.split(np.zeros(len(ids)), codes)):
+
+    def fit_fold(
+        k: int, train: np.ndarray, test: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         model = SlideClassifier(method, seed=seed, **classifier_kwargs)
         model.fit(_subset(data, ids, train), y[train])
         if len(model.classes_) != len(classes):
             raise ValueError(f"Fold {k}'s training slides lack a class; use fewer folds.")
         proba = model.predict_proba(_subset(data, ids, test))
-        probabilities[test] = proba
-        fold_of[test] = k
         predicted = proba.argmax(axis=1)
-        rows.append(
-            {
-                "fold": k,
-                "n_train": len(train),
-                "n_test": len(test),
-                "auc": _auc(codes[test], proba, len(classes)),
-                "accuracy": accuracy_score(codes[test], predicted),
-                "balanced_accuracy": balanced_accuracy_score(codes[test], predicted),
-            }
-        )
-    if (fold_of < 0).any():
-        raise ValueError("The splitter left some slides out of every test fold.")
-    folds = pd.DataFrame(rows)
+        metrics = {
+            "auc": _auc(codes[test], proba, len(classes)),
+            "accuracy": accuracy_score(codes[test], predicted),
+            "balanced_accuracy": balanced_accuracy_score(codes[test], predicted),
+        }
+        return {"proba": proba}, metrics
+
+    folds, fold_of, out_of_fold = cross_validate(splitter, len(ids), codes, fit_fold)
+    probabilities = out_of_fold["proba"]
     pooled = {
         "auc": _auc(codes, probabilities, len(classes)),
         "accuracy": accuracy_score(codes, probabilities.argmax(axis=1)),
         "balanced_accuracy": balanced_accuracy_score(codes, probabilities.argmax(axis=1)),
     }
-    summary = _summary(folds, pooled)
+    summary = summarize_folds(folds, pooled)
     predictions = pd.DataFrame({"fold": fold_of, "label": y}, index=pd.Index(ids, name="slide_id"))
     if len(classes) == 2:
         predictions["score"] = probabilities[:, 1]
@@ -410,8 +410,6 @@ def _check_labels(values: np.ndarray, ids: list[str], n_splits: int | None) -> n
             "classification needs at least two."
         )
     if n_splits is not None:
-        if n_splits < 2:
-            raise ValueError(f"cv must be at least 2 folds; got {n_splits}.")
         small = {
             c.item() if isinstance(c, np.generic) else c: int(n)
             for c, n in zip(classes, counts, strict=True)
@@ -423,12 +421,6 @@ def _check_labels(values: np.ndarray, ids: list[str], n_splits: int | None) -> n
                 "needs each class; lower cv."
             )
     return values
-
-
-def _matrix(matrix: np.ndarray | None, bags: Bags | None, ids: list[str]) -> np.ndarray:
-    if matrix is not None:
-        return matrix
-    return np.stack([bags[s].mean(axis=0) for s in ids]).astype(np.float64)
 
 
 def _subset(data: Bags | pd.DataFrame, ids: list[str], rows: np.ndarray) -> Bags | pd.DataFrame:
@@ -448,18 +440,6 @@ def _auc(codes: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
     if len(present) < n_classes:
         return float("nan")
     return float(roc_auc_score(codes, proba, multi_class="ovr", average="macro"))
-
-
-def _summary(folds: pd.DataFrame, pooled: dict[str, float]) -> pd.DataFrame:
-    metrics = list(pooled)
-    return pd.DataFrame(
-        {
-            "mean": [folds[m].mean() for m in metrics],
-            "std": [folds[m].std(ddof=1) if len(folds) > 1 else 0.0 for m in metrics],
-            "pooled": [pooled[m] for m in metrics],
-        },
-        index=pd.Index(metrics, name="metric"),
-    )
 
 
 def _sample(bag: np.ndarray, max_tiles: int, rng: np.random.Generator) -> np.ndarray:

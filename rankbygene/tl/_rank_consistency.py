@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy.stats import rankdata
 
 from rankbygene._constants import IMAGE_EMBEDDING_KEY
 from rankbygene._logging import logger
-from rankbygene._metrics import log_normalize
+from rankbygene._metrics import log_normalize, spearman_per_gene
 
 _ROW_CHUNK = 512  # anchors per block: bounds memory at chunk x library-size similarities
 
@@ -88,6 +87,15 @@ def rank_consistency(
 
 
 def representation(adata: AnnData, key: str) -> np.ndarray:
+    """The finite ``(n_obs, d)`` float64 array in ``adata.obsm[key]``.
+
+    Raises
+    ------
+    KeyError
+        ``key`` is not in ``adata.obsm``.
+    ValueError
+        The array is not 2-D or has NaN or infinite values.
+    """
     if key not in adata.obsm:
         raise KeyError(
             f"adata.obsm[{key!r}] is missing (obsm keys: {list(adata.obsm)}); store the "
@@ -100,7 +108,11 @@ def representation(adata: AnnData, key: str) -> np.ndarray:
 
 
 def gene_side_rows(adata: AnnData, gene_rep: str | None, layer: str | None) -> np.ndarray:
-    """Rows whose cosine similarity is the gene-side similarity."""
+    """Rows whose cosine similarity is the gene-side similarity.
+
+    ``obsm[gene_rep]`` when given, else the log-normalised expression of ``layer`` (``None``:
+    ``X``) centred per spot, whose cosine similarity is the Pearson correlation of profiles.
+    """
     if gene_rep is not None:
         return representation(adata, gene_rep)
     if layer is not None and layer not in adata.layers:
@@ -112,8 +124,46 @@ def gene_side_rows(adata: AnnData, gene_rep: str | None, layer: str | None) -> n
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit norm (zero rows stay zero)."""
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def candidate_similarities(
+    image: np.ndarray, gene: np.ndarray, anchors: np.ndarray, n_neighbors: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image- and gene-side similarities of each anchor to its candidates.
+
+    The numpy counterpart of the candidates of :func:`rankbygene.losses.rank_agreement`.
+
+    Parameters
+    ----------
+    image, gene
+        Unit rows (:func:`unit_rows`) of the spots of one library, image and gene side.
+    anchors
+        Row indices of the anchors.
+    n_neighbors
+        Candidates per anchor: its nearest gene-side neighbours (clipped to the other spots);
+        ``None``: every other spot.
+
+    Returns
+    -------
+    ``(s_image, s_gene)``, each ``(len(anchors), k)``: the cosine similarities of each anchor
+    to its ``k`` candidates (in no particular order, the same in both).
+    """
+    n = len(image)
+    k = n - 1 if n_neighbors is None else min(n_neighbors, n - 1)
+    s_gene = gene[anchors] @ gene.T
+    s_image = image[anchors] @ image.T
+    s_gene[np.arange(len(anchors)), anchors] = -np.inf  # never its own candidate
+    if k < 1:
+        empty = np.empty((len(anchors), 0))
+        return empty, empty.copy()
+    candidates = np.argpartition(-s_gene, k - 1, axis=1)[:, :k]
+    return (
+        np.take_along_axis(s_image, candidates, axis=1),
+        np.take_along_axis(s_gene, candidates, axis=1),
+    )
 
 
 def _consistency(image: np.ndarray, gene: np.ndarray, n_neighbors: int | None) -> np.ndarray:
@@ -122,27 +172,9 @@ def _consistency(image: np.ndarray, gene: np.ndarray, n_neighbors: int | None) -
     if n < 3:
         return out
     image, gene = unit_rows(image), unit_rows(gene)
-    k = n - 1 if n_neighbors is None else min(n_neighbors, n - 1)
     for start in range(0, n, _ROW_CHUNK):
         anchors = np.arange(start, min(start + _ROW_CHUNK, n))
-        s_gene = gene[anchors] @ gene.T
-        s_image = image[anchors] @ image.T
-        s_gene[np.arange(len(anchors)), anchors] = -np.inf  # never its own candidate
-        candidates = np.argpartition(-s_gene, k - 1, axis=1)[:, :k]
-        rho = spearman_rows(
-            np.take_along_axis(s_image, candidates, axis=1),
-            np.take_along_axis(s_gene, candidates, axis=1),
-        )
-        out[anchors] = rho
+        s_image, s_gene = candidate_similarities(image, gene, anchors, n_neighbors)
+        # one Spearman per anchor: the columns of the transposes
+        out[anchors] = spearman_per_gene(s_image.T, s_gene.T)
     return out
-
-
-def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ra = rankdata(a, axis=1)
-    rb = rankdata(b, axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    denominator = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (ra * rb).sum(axis=1) / denominator
-    return np.where(denominator > 0, rho, np.nan)

@@ -14,7 +14,6 @@ import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,7 +29,7 @@ from rankbygene._logging import logger
 if TYPE_CHECKING:
     from rankbygene.model import RankByGene
 
-__all__ = ["CrossValidationResult", "embed_slides", "slide_features"]
+__all__ = ["embed_slides", "slide_features"]
 
 SlideInput = (
     AnnData | Sequence[AnnData] | Mapping[str, AnnData] | pd.DataFrame | pd.Series | str | Path
@@ -38,38 +37,6 @@ SlideInput = (
 Bags = dict[str, np.ndarray]
 
 _SUFFIX = ".h5ad"
-
-
-@dataclass
-class CrossValidationResult:
-    """Cross-validated slide-level model: per-fold scores, their summary, out-of-fold predictions.
-
-    Attributes
-    ----------
-    folds
-        One row per fold: ``fold``, ``n_train``, ``n_test`` and the metric(s).
-    summary
-        One row per metric: ``mean`` and ``std`` over folds, and ``pooled`` (the metric of all
-        out-of-fold predictions together).
-    predictions
-        One row per slide (index: slide id): its ``fold`` and out-of-fold prediction, with the
-        targets.
-    model
-        The model refitted on all slides (``None`` with ``refit=False``).
-    """
-
-    folds: pd.DataFrame
-    summary: pd.DataFrame
-    predictions: pd.DataFrame
-    model: Any = None
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        metrics = ", ".join(
-            f"{name} {row['mean']:.3f} ± {row['std']:.3f}" for name, row in self.summary.iterrows()
-        )
-        n_folds, n_slides = len(self.folds), len(self.predictions)
-        return f"CrossValidationResult({n_folds} folds, {n_slides} slides: {metrics})"
 
 
 # ------------------------------------------------------------------------------ embedding
@@ -378,7 +345,19 @@ def slide_features(
 
 
 def mean_pool(bags: Bags, prefix: str = "feature") -> pd.DataFrame:
-    """Mean of each bag's rows, as a slides x features DataFrame."""
+    """Mean of each bag's rows, as a slides x features DataFrame.
+
+    Parameters
+    ----------
+    bags
+        Slide id -> ``(n_tiles, n_features)`` array.
+    prefix
+        Column names are ``<prefix>_<j>``.
+
+    Returns
+    -------
+    float64 DataFrame indexed by ``slide_id``, in the order of ``bags``.
+    """
     ids = list(bags)
     matrix = np.stack([bags[s].mean(axis=0) for s in ids]).astype(np.float64)
     columns = [f"{prefix}_{j}" for j in range(matrix.shape[1])]
@@ -446,7 +425,7 @@ def _bags_of_anndata(
         )
     matrix = np.asarray(adata.obsm[use_rep], dtype=np.float32)
     if slide_id is not None:
-        return {slide_id: _check_bag(matrix, where)}
+        return {slide_id: check_bag(matrix, where)}
     if library_key is None and len(adata.uns.get(SPATIAL_KEY, {}) or {}) > 1:
         raise ValueError(
             f"adata holds {len(adata.uns[SPATIAL_KEY])} libraries: pass library_key, the obs "
@@ -454,7 +433,7 @@ def _bags_of_anndata(
         )
     libraries = spot_libraries(adata, library_key)
     return {
-        str(lib): _check_bag(matrix[libraries == lib], f"{where} of slide {lib!r}")
+        str(lib): check_bag(matrix[libraries == lib], f"{where} of slide {lib!r}")
         for lib in dict.fromkeys(libraries)
     }
 
@@ -472,10 +451,24 @@ def _read_rep(path: Path, use_rep: str) -> np.ndarray:
             matrix = np.asarray(f[f"obsm/{use_rep}"][()], dtype=np.float32)
     except OSError as err:
         raise ValueError(f"Could not read {path}: {err}") from err
-    return _check_bag(matrix, f"{path} obsm[{use_rep!r}]")
+    return check_bag(matrix, f"{path} obsm[{use_rep!r}]")
 
 
-def _check_bag(matrix: np.ndarray, where: str) -> np.ndarray:
+def check_bag(matrix: np.ndarray, where: str) -> np.ndarray:
+    """``matrix`` itself, once checked to be a non-empty, finite ``(n_tiles, n_features)`` bag.
+
+    Parameters
+    ----------
+    matrix
+        The tile features of one slide.
+    where
+        What ``matrix`` is, for the error message.
+
+    Raises
+    ------
+    ValueError
+        ``matrix`` is not 2-D, has no tile or has NaN or infinite values.
+    """
     if matrix.ndim != 2 or matrix.shape[0] == 0:
         raise ValueError(
             f"{where} must be a non-empty (n_tiles, n_features) array; got {matrix.shape}."
@@ -483,65 +476,3 @@ def _check_bag(matrix: np.ndarray, where: str) -> np.ndarray:
     if not np.isfinite(matrix).all():
         raise ValueError(f"{where} has NaN or infinite values.")
     return matrix
-
-
-# ------------------------------------------------------------------------------ inputs
-
-
-def as_table(
-    features: pd.DataFrame | np.ndarray | Bags | Sequence[np.ndarray],
-) -> tuple[list[str], np.ndarray | None, Bags | None]:
-    """Slide ids and either a ``(n_slides, d)`` matrix or bags, from any accepted input."""
-    if isinstance(features, pd.DataFrame):
-        matrix = features.to_numpy(dtype=np.float64)
-        ids = [str(i) for i in features.index]
-        bags = None
-    elif isinstance(features, Mapping):
-        bags = {str(k): np.asarray(v, dtype=np.float32) for k, v in features.items()}
-        ids, matrix = list(bags), None
-    elif isinstance(features, np.ndarray) and features.dtype != object and features.ndim == 2:
-        matrix = np.asarray(features, dtype=np.float64)
-        ids = [str(i) for i in range(len(matrix))]
-        bags = None
-    elif isinstance(features, Sequence | np.ndarray):
-        bags = {str(i): np.asarray(v, dtype=np.float32) for i, v in enumerate(features)}
-        ids, matrix = list(bags), None
-    else:
-        raise TypeError(
-            "features must be a slides x features DataFrame or array, or bags (a dict or list of "
-            f"(n_tiles, d) arrays); got {type(features).__name__}."
-        )
-    if matrix is not None:
-        if matrix.ndim != 2 or matrix.shape[0] == 0:
-            raise ValueError(f"features must be a non-empty 2-D table; got shape {matrix.shape}.")
-        if not np.isfinite(matrix).all():
-            raise ValueError("features have NaN or infinite values.")
-    else:
-        for slide_id, bag in bags.items():
-            _check_bag(bag, f"bag of slide {slide_id!r}")
-        if len({b.shape[1] for b in bags.values()}) > 1:
-            raise ValueError("bags have different numbers of features.")
-    if len(set(ids)) != len(ids):
-        raise ValueError("Slide ids of features are not unique.")
-    return ids, matrix, bags
-
-
-def align(target: Any, ids: list[str], name: str) -> np.ndarray:
-    """``target`` per slide, in the order of ``ids`` (by index for a Series, else by position)."""
-    if isinstance(target, pd.Series | Mapping):
-        series = pd.Series(target) if isinstance(target, Mapping) else target
-        series = series.copy()
-        series.index = series.index.astype(str)
-        missing = [s for s in ids if s not in series.index]
-        if missing:
-            raise KeyError(
-                f"{name} has no value for {len(missing)} slides (e.g. {missing[:3]}); its index "
-                "must hold the slide ids of features."
-            )
-        return series.loc[ids].to_numpy()
-    values = np.asarray(target)
-    if values.ndim != 1 or len(values) != len(ids):
-        raise ValueError(
-            f"{name} must have one value per slide ({len(ids)}); got shape {values.shape}."
-        )
-    return values

@@ -9,8 +9,15 @@ import numpy as np
 import pandas as pd
 
 from rankbygene._logging import logger
-from rankbygene.tl._mil import _summary
-from rankbygene.tl._slide import CrossValidationResult, align, as_table
+from rankbygene.tl._cv import (
+    CrossValidationResult,
+    align,
+    as_table,
+    cross_validate,
+    make_folds,
+    slide_matrix,
+    summarize_folds,
+)
 
 __all__ = ["CoxModel", "fit_survival"]
 
@@ -150,59 +157,40 @@ def fit_survival(
     >>> rbg.pl.km_curves(result)  # doctest: +SKIP
     """
     from lifelines.utils import concordance_index
-    from sklearn.model_selection import StratifiedKFold
 
     ids, matrix, bags = as_table(features)
-    if matrix is None:
-        matrix = np.stack([bags[s].mean(axis=0) for s in ids]).astype(np.float64)
+    matrix = slide_matrix(matrix, bags)
     times = _check_time(align(time, ids, "time"), ids)
     events = _check_event(align(event, ids, "event"), ids)
-    if isinstance(cv, int):
-        if cv < 2:
-            raise ValueError(f"cv must be at least 2 folds; got {cv}.")
-        n_events, n_censored = int(events.sum()), int(len(events) - events.sum())
-        if n_events < cv:
-            raise ValueError(
-                f"Only {n_events} events among {len(events)} slides, fewer than cv={cv} folds; "
-                "lower cv."
-            )
-        # stratify by event when both kinds fill every fold; else plain shuffled folds
-        if n_censored >= cv:
-            splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
-        else:
-            from sklearn.model_selection import KFold
+    n_events, n_censored = int(events.sum()), int(len(events) - events.sum())
+    if isinstance(cv, int) and n_events < cv:
+        raise ValueError(
+            f"Only {n_events} events among {len(events)} slides, fewer than cv={cv} folds; "
+            "lower cv."
+        )
+    # stratify by event when both kinds fill every fold; else plain shuffled folds
+    splitter = make_folds(cv, seed, stratify=isinstance(cv, int) and n_censored >= cv)
 
-            splitter = KFold(n_splits=cv, shuffle=True, random_state=seed)
-    else:
-        splitter = cv
-    risk = np.full(len(ids), np.nan)
-    group = np.empty(len(ids), dtype=object)
-    fold_of = np.full(len(ids), -1, dtype=np.int64)
-    rows = []
-    for k, (train, test) in enumerate(splitter.split(matrix, events)):
+    def fit_fold(
+        k: int, train: np.ndarray, test: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         if events[train].sum() == 0:
             raise ValueError(f"Fold {k}'s training slides have no event; use fewer folds.")
         model = CoxModel(penalizer, l1_ratio, n_components).fit(
             matrix[train], times[train], events[train]
         )
         threshold = float(np.median(model.predict_risk(matrix[train])))
-        risk[test] = model.predict_risk(matrix[test])
-        group[test] = np.where(risk[test] > threshold, "high", "low")
-        fold_of[test] = k
-        rows.append(
-            {
-                "fold": k,
-                "n_train": len(train),
-                "n_test": len(test),
-                "n_events": int(events[test].sum()),
-                "c_index": _c_index(concordance_index, times[test], risk[test], events[test]),
-            }
-        )
-    if (fold_of < 0).any():
-        raise ValueError("The splitter left some slides out of every test fold.")
-    folds = pd.DataFrame(rows)
+        risk = model.predict_risk(matrix[test])
+        metrics = {
+            "n_events": int(events[test].sum()),
+            "c_index": _c_index(concordance_index, times[test], risk, events[test]),
+        }
+        return {"risk": risk, "risk_group": np.where(risk > threshold, "high", "low")}, metrics
+
+    folds, fold_of, out_of_fold = cross_validate(splitter, len(ids), events, fit_fold, x=matrix)
+    risk, group = out_of_fold["risk"], out_of_fold["risk_group"]
     pooled = {"c_index": _c_index(concordance_index, times, risk, events)}
-    summary = _summary(folds[["c_index"]].dropna(), pooled)
+    summary = summarize_folds(folds[["c_index"]].dropna(), pooled)
     predictions = pd.DataFrame(
         {"fold": fold_of, "time": times, "event": events, "risk": risk, "risk_group": group},
         index=pd.Index(ids, name="slide_id"),
