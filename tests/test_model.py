@@ -600,3 +600,35 @@ def test_default_workers_give_the_same_embeddings(tiny_model, monkeypatch):
     assert used[0]["num_workers"] == expected
     assert used[1]["num_workers"] == 0
     np.testing.assert_allclose(auto, serial, atol=1e-6)
+
+
+# -- defects: gene check without AnnData, provenance of log-normalised expression ---------------
+
+
+def test_gene_check_works_for_a_model_loaded_without_anndata(small, tmp_path):
+    scvi.settings.seed = 0
+    _tiny_model(small).save(tmp_path / "m")
+    loaded = rbg.RankByGene.load(tmp_path / "m")  # no AnnData: the panel comes from the registry
+    assert loaded.adata is None
+    fewer = _fresh(small)[:, 3:].copy()
+    with pytest.raises(ValueError, match="lacks 3 of the model's 30 genes"):
+        loaded.get_gene_representation(fewer)
+    shuffled = _fresh(small)[:, ::-1].copy()
+    with pytest.raises(ValueError, match="another order"):
+        loaded.get_gene_representation(shuffled)
+
+
+def test_provenance_scale_follows_is_log_normalized(small):
+    adata = _fresh(small)
+    rbg.pp.normalize(adata, layer="counts")
+    rbg.RankByGene.setup_anndata(
+        adata, layer="lognorm", library_key="library_id", is_log_normalized=True
+    )
+    model = _tiny_model(adata)
+    model.predict_expression(adata)
+    assert adata.uns["rankbygene"]["predicted"]["scale"].startswith("as given at setup")
+    counts = _fresh(small)
+    rbg.RankByGene.setup_anndata(counts, layer="counts", library_key="library_id")
+    model = _tiny_model(counts)
+    model.predict_expression(counts)
+    assert counts.uns["rankbygene"]["predicted"]["scale"].startswith("log1p(counts / total")

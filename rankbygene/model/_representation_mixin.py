@@ -1,0 +1,175 @@
+"""Image and gene representations of the RankByGene model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scipy import sparse
+from scvi import REGISTRY_KEYS, settings
+
+from rankbygene.model._data import image_loader
+from rankbygene.model._setup import check_var_names
+
+
+class RepresentationMixin:
+    """Image and gene embeddings of :class:`~rankbygene.model.RankByGene`."""
+
+    @torch.inference_mode()
+    def get_image_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        kind: Literal["embedding", "backbone"] = "embedding",
+        library_key: str | None = None,
+        num_workers: int | None = None,
+        out_of_bounds: Literal["raise", "pad"] = "pad",
+        progress: bool | None = None,
+        augmented: bool = False,
+    ) -> np.ndarray:
+        """Teacher image embeddings (or backbone features) of each spot's patch.
+
+        Works on any AnnData in the spatial layout, with or without expression (a new slide
+        without ST, the tiles of a whole-slide image).
+
+        Parameters
+        ----------
+        adata
+            AnnData with ``obsm["spatial"]`` and images (or ``obsm[features_key]``); default:
+            the AnnData of the model.
+        indices
+            Spots to embed (default: all).
+        batch_size
+            Spots per forward pass (default: ``scvi.settings.batch_size``, at least 256 on a GPU).
+        kind
+            ``"embedding"``: the L2-normalised projected embedding (``n_latent``);
+            ``"backbone"``: the backbone features.
+        library_key
+            ``obs`` column of libraries in ``adata`` (default: the one given at setup when
+            ``adata`` has it).
+        num_workers
+            DataLoader workers reading patches while the encoder runs (default: one per spare
+            CPU core, up to 8, on Linux for more than two batches; otherwise none).
+        out_of_bounds
+            Patches leaving the image are padded (default) or raise.
+        progress
+            Show a progress bar (default: for more than 10 batches).
+        augmented
+            Embed a random stain-jittered, flipped and rotated view of each patch
+            (:func:`~rankbygene.data.stain_transform`) instead of the patch itself, e.g. to
+            precompute augmented views of frozen features.
+
+        Returns
+        -------
+        ``(n_spots, n_latent)`` or ``(n_spots, n_features)`` float32 array; store it as
+        ``adata.obsm["X_rankbygene"]``.
+
+        Examples
+        --------
+        >>> adata.obsm["X_rankbygene"] = model.get_image_representation()
+        """
+        if kind not in ("embedding", "backbone"):
+            raise ValueError(f"kind must be 'embedding' or 'backbone'; got {kind!r}.")
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            raise ValueError("This model has no AnnData attached: pass adata.")
+        loader = image_loader(
+            self,
+            adata,
+            indices=indices,
+            batch_size=batch_size,
+            library_key=library_key,
+            num_workers=num_workers,
+            out_of_bounds=out_of_bounds,
+            augmented=augmented,
+        )
+        return self._embed_batches(loader, kind, progress)
+
+    def _embed_batches(self, loader, kind: str, progress: bool | None) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        module = self.module
+        module.eval()
+        device = self.device
+        key = "features" if module.uses_features else "image"
+        show = len(loader) > 10 if progress is None else progress
+        use_amp = torch.device(device).type == "cuda"
+        # bf16 where the GPU has it: fp16's range can overflow in large backbones
+        amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else None
+        outputs = []
+        for batch in tqdm(loader, desc="Embedding", disable=not show, unit="batch"):
+            images = batch[key].to(device, non_blocking=True)
+            if use_amp and images.ndim == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(
+                device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp
+            ):
+                out = module.embed_images(images, teacher=True, kind=kind)
+            outputs.append(out.float().cpu().numpy())
+        if not outputs:
+            return np.zeros((0, module.n_latent), dtype=np.float32)
+        return np.concatenate(outputs).astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def get_gene_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """L2-normalised gene embeddings of each spot's expression (the gene encoder h).
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes, set up like the training data (default: the model's).
+        indices
+            Spots (default: all).
+        batch_size
+            Spots per forward pass.
+
+        Returns
+        -------
+        ``(n_spots, n_latent)`` float32 array; store it as ``adata.obsm["X_rankbygene_gene"]``.
+
+        Examples
+        --------
+        >>> adata.obsm["X_rankbygene_gene"] = model.get_gene_representation()
+        """
+        adata = self._validate_genes(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        expression = manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        batch_size = batch_size or settings.batch_size
+        self.module.eval()
+        out = []
+        for start in range(0, len(idx), batch_size):
+            rows = expression[idx[start : start + batch_size]]
+            rows = rows.toarray() if sparse.issparse(rows) else np.asarray(rows)
+            tensor = torch.as_tensor(rows, dtype=torch.float32, device=self.device)
+            out.append(self.module.embed_genes(tensor).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.module.n_latent), np.float32)
+
+    def _validate_genes(self, adata: AnnData | None) -> AnnData:
+        if adata is None:
+            if self.adata is None:
+                raise ValueError("This model has no AnnData attached: pass adata.")
+            return self.adata
+        check_var_names(adata, self._gene_panel())  # also for a model loaded without AnnData
+        return self._validate_anndata(adata)
+
+    def _gene_panel(self) -> list[str]:
+        return (
+            [str(g) for g in self.adata_manager.adata.var_names]
+            if self.adata_manager
+            else [
+                str(g)
+                for g in self.registry_["field_registries"]["X"]["state_registry"].get(
+                    "column_names", []
+                )
+            ]
+        )
