@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,18 @@ from scipy.spatial import cKDTree
 
 from rankbygene._logging import logger
 
-__all__ = ["CELL_TYPES", "REGION_TYPES", "synthetic"]
+__all__ = [
+    "CELL_TYPES",
+    "REGION_TYPES",
+    "SyntheticTissue",
+    "ambient_expression",
+    "driver_amounts",
+    "gene_dispersions",
+    "gene_programs",
+    "render_tissue",
+    "sample_counts",
+    "synthetic",
+]
 
 #: Region (tissue compartment) types, in the order used for ``n_regions`` < 5.
 REGION_TYPES: tuple[str, ...] = ("tumor", "stroma", "immune", "adipose", "necrosis")
@@ -22,6 +35,8 @@ REGION_TYPES: tuple[str, ...] = ("tumor", "stroma", "immune", "adipose", "necros
 _OD_HEMATOXYLIN = np.array([0.5626, 0.7201, 0.4062])
 _OD_EOSIN = np.array([0.2159, 0.8012, 0.5581])
 _BACKGROUND_RGB = np.array([241.0, 240.0, 242.0])
+# Ambient RNA per gene, as a share of the slide's mean expression.
+_AMBIENT_SHARE = 0.03
 
 # Background stain concentrations (eosin, haematoxylin) of each region's extracellular
 # matter / cytoplasm.
@@ -237,23 +252,19 @@ def synthetic(
     regions = list(REGION_TYPES[:n_regions])
     rng = np.random.default_rng(seed)
     # Gene programs are shared across slides: only layout, stain and sampling noise differ.
-    profiles, var = _gene_programs(rng, n_genes, regions)
+    profiles, var = gene_programs(rng, n_genes, regions)
 
     xs, obs_frames, fractions, cells, spatial_uns = [], [], [], [], {}
     for s in range(n_slides):
         library_id = f"slide_{s}"
         slide_rng = np.random.default_rng(rng.integers(2**63))
         rows, cols, xy, shape = _hex_grid(n_spots, spot_spacing)
-        coarse = 4
-        coarse_labels = _region_labels(slide_rng, shape, n_regions, spot_spacing, coarse)
-        labels = np.repeat(np.repeat(coarse_labels, coarse, axis=0), coarse, axis=1)
-        labels = labels[: shape[0], : shape[1]]
-        image, centres = _render(
-            slide_rng, coarse_labels, labels, regions, xy, spot_diameter, spot_spacing, coarse
+        image, labels, centres = render_tissue(
+            slide_rng, shape, regions, xy, spot_diameter, spot_spacing
         )
         frac = _spot_fractions(labels, xy, spot_diameter, n_regions)
         cell_counts = _spot_cell_counts(centres, xy, spot_diameter)
-        counts = _sample_counts(slide_rng, _driver_amounts(cell_counts, frac, regions), profiles)
+        counts = sample_counts(slide_rng, driver_amounts(cell_counts, frac, regions), profiles)
 
         xs.append(counts)
         fractions.append(frac)
@@ -423,6 +434,72 @@ def _spot_cell_counts(centres, xy, diameter):
 
 
 # --------------------------------------------------------------------------- image
+
+
+class SyntheticTissue(NamedTuple):
+    """One synthetic slide's tissue, as :func:`render_tissue` returns it."""
+
+    #: ``(H, W, 3)`` uint8 H&E-like image, about 1 um per pixel.
+    image: np.ndarray
+    #: ``(H, W)`` uint8 region index of each pixel, into the ``regions`` it was made with.
+    labels: np.ndarray
+    #: Nucleus centres ``(n, 2)`` (x, y, in pixels) of each kind of :data:`CELL_TYPES`.
+    nuclei: dict[str, np.ndarray]
+
+
+def render_tissue(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    regions: Sequence[str],
+    xy: np.ndarray,
+    spot_diameter: float,
+    length_scale: float,
+) -> SyntheticTissue:
+    """Region layout, cell composition and H&E image of one slide (steps 1-3 of :func:`synthetic`).
+
+    The morphology model that :func:`synthetic` and
+    :func:`~rankbygene.datasets.synthetic_visium_hd` measure spots or bins on.
+
+    Parameters
+    ----------
+    rng
+        Random generator; the slide is a deterministic function of its state and the arguments.
+    shape
+        ``(height, width)`` of the image in pixels (about 1 um each).
+    regions
+        Region types present, a prefix of :data:`REGION_TYPES`.
+    xy
+        Centres ``(x, y)`` of the spots or bins to be measured: the tissue covers their bounding
+        box plus ``spot_diameter / 2 + 0.45 * length_scale`` and an irregular border; beyond
+        that is glass.
+    spot_diameter
+        Spot (or bin) size in pixels.
+    length_scale
+        Spot spacing the layout is scaled to, in pixels: regions are about 1.3 length scales
+        across, cell composition varies over 0.6 to 0.9.
+
+    Returns
+    -------
+    The image, the region label of each pixel and the nucleus centres of each cell type.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.datasets._synthetic import CELL_TYPES, REGION_TYPES, render_tissue
+    >>> xy = np.array([[50.0, 50.0], [250.0, 250.0]])
+    >>> tissue = render_tissue(np.random.default_rng(0), (300, 300), REGION_TYPES[:3], xy, 16, 100)
+    >>> tissue.image.shape, sorted(tissue.nuclei) == sorted(CELL_TYPES)
+    ((300, 300, 3), True)
+    """
+    regions = list(regions)
+    coarse = 4
+    coarse_labels = _region_labels(rng, shape, len(regions), length_scale, coarse)
+    labels = np.repeat(np.repeat(coarse_labels, coarse, axis=0), coarse, axis=1)
+    labels = labels[: shape[0], : shape[1]]
+    image, nuclei = _render(
+        rng, coarse_labels, labels, regions, xy, spot_diameter, length_scale, coarse
+    )
+    return SyntheticTissue(image, labels, nuclei)
 
 
 def _lattice_points(rng, shape, spacing):
@@ -688,7 +765,9 @@ def _downscale(image, max_side):
 # --------------------------------------------------------------------------- expression
 
 
-def _gene_programs(rng, n_genes, regions):
+def gene_programs(
+    rng: np.random.Generator, n_genes: int, regions: Sequence[str]
+) -> tuple[np.ndarray, pd.DataFrame]:
     """Driver-by-gene mean profiles (counts per unit of each driver) and the ``var`` table.
 
     Each marker gene belongs to one region's program and is expressed by one driver (a cell
@@ -743,8 +822,23 @@ def _gene_programs(rng, n_genes, regions):
     return profiles, var
 
 
-def _driver_amounts(cell_counts, fractions, regions):
-    """Amount of each driver under each spot: cell counts, or area fraction x cell equivalents."""
+def driver_amounts(
+    cell_counts: np.ndarray, fractions: np.ndarray, regions: Sequence[str]
+) -> np.ndarray:
+    """Amount of each driver under each spot: cell counts, or area fraction x cell equivalents.
+
+    ``cell_counts`` has one column per :data:`CELL_TYPES` (cells, or cell equivalents, under each
+    spot), ``fractions`` one per region (area fraction of the spot, 1 = the area of a whole spot).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.datasets._synthetic import CELL_TYPES, driver_amounts
+    >>> cells, fractions = np.ones((2, len(CELL_TYPES))), np.full((2, 2), 0.5)
+    >>> driver_amounts(cells, fractions, ["tumor", "stroma"]).shape
+    (2, 7)
+    """
+    regions = list(regions)
     cols = []
     for name, spec in _DRIVERS.items():
         if "area" in spec:
@@ -756,16 +850,74 @@ def _driver_amounts(cell_counts, fractions, regions):
     return np.column_stack(cols).astype(np.float64)
 
 
-def _sample_counts(rng, amounts, profiles):
-    """Negative-binomial counts around the sum over the cells under the spot, with dropout."""
+def ambient_expression(amounts: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+    """Ambient RNA of each gene: a share of the mean over spots (what :func:`sample_counts` adds).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.datasets._synthetic import ambient_expression
+    >>> ambient_expression(np.ones((4, 2)), np.ones((2, 3)))
+    array([0.06, 0.06, 0.06])
+    """
+    return _AMBIENT_SHARE * (np.asarray(amounts, dtype=np.float64).mean(axis=0) @ profiles)
+
+
+def gene_dispersions(rng: np.random.Generator, n_genes: int) -> np.ndarray:
+    """Gene-wise inverse dispersions ``theta`` around 6 (``var = mu + mu^2 / theta``), as Visium.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.datasets._synthetic import gene_dispersions
+    >>> gene_dispersions(np.random.default_rng(0), 3).shape
+    (3,)
+    """
+    return rng.lognormal(np.log(6.0), 0.4, n_genes)
+
+
+def sample_counts(
+    rng: np.random.Generator,
+    amounts: np.ndarray,
+    profiles: np.ndarray,
+    ambient: np.ndarray | None = None,
+    theta: np.ndarray | None = None,
+) -> np.ndarray:
+    """Negative-binomial counts around the sum over the cells under the spot, with dropout.
+
+    Parameters
+    ----------
+    rng
+        Random generator.
+    amounts
+        ``(n_spots, n_drivers)`` amount of each driver under each spot (:func:`driver_amounts`).
+    profiles
+        ``(n_drivers, n_genes)`` mean counts per unit of each driver (:func:`gene_programs`).
+    ambient
+        Ambient RNA per gene; default :func:`ambient_expression` of these spots. Pass it (and
+        ``theta``) to sample a large array of spots in chunks that share one slide's values.
+    theta
+        Inverse dispersion per gene; default drawn by :func:`gene_dispersions`.
+
+    Returns
+    -------
+    ``(n_spots, n_genes)`` float64 integer-valued counts.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rankbygene.datasets._synthetic import sample_counts
+    >>> sample_counts(np.random.default_rng(0), np.ones((4, 2)), np.full((2, 3), 50.0)).shape
+    (4, 3)
+    """
     n_spots, n_genes = amounts.shape[0], profiles.shape[1]
     mu = amounts @ profiles
     # Ambient RNA (diffused from the rest of the slide) gives near-empty spots a few counts.
-    mu += 0.03 * mu.mean(axis=0)
+    mu += _AMBIENT_SHARE * mu.mean(axis=0) if ambient is None else ambient
     # Capture efficiency varies from spot to spot.
     mu *= rng.lognormal(0.0, 0.3, n_spots)[:, None]
-    # Gene-wise inverse dispersion around 6 (var = mu + mu^2 / theta), as in Visium data.
-    theta = rng.lognormal(np.log(6.0), 0.4, n_genes)
+    if theta is None:
+        theta = gene_dispersions(rng, n_genes)
     lam = rng.gamma(theta[None, :], mu / theta[None, :])
     counts = rng.poisson(lam).astype(np.float64)
     dropout = rng.uniform(size=counts.shape) < 0.3 * np.exp(-mu / 5.0)
