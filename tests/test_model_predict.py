@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -40,13 +42,31 @@ def test_ridge_prediction_lands_in_layer_and_is_accurate(trained):
 def test_image_only_query_gets_new_anndata(trained):
     model, train, test = trained
     image_only = test[:, :0].copy()  # no genes, no counts: a slide without ST
-    out = model.predict_expression(image_only, method="knn", k=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the documented use: no warning
+        out = model.predict_expression(image_only, method="knn", k=10)
     assert out is not None
     assert list(out.var_names) == list(train.var_names)
     assert out.layers["rankbygene_predicted"].shape == (test.n_obs, train.n_vars)
     np.testing.assert_array_equal(out.obsm["spatial"], test.obsm["spatial"])
     assert "rankbygene_predicted" not in image_only.layers
     assert out.uns["rankbygene"]["predicted"]["method"] == "knn"
+
+
+def test_query_with_a_gene_subset_warns(trained):
+    model, train, test = trained
+    subset = test[:, test.var_names[:-3]].copy()  # 3 of the model's genes missing
+    with pytest.warns(UserWarning, match=r"3 of the model's \d+ genes are missing") as caught:
+        out = model.predict_expression(subset, method="knn", k=10)
+    assert caught[0].filename == __file__  # points at the call, not the package
+    message = str(caught[0].message)
+    assert f"new AnnData with the model's {train.n_vars} genes" in message
+    assert list(out.var_names) == list(train.var_names)
+    assert "rankbygene_predicted" not in subset.layers
+    renamed = test.copy()
+    renamed.var_names = [*renamed.var_names[:-1], "not_a_model_gene"]
+    with pytest.warns(UserWarning, match=r"1 of the model's.*1 of its \d+ genes are not"):
+        model.predict_expression(renamed, method="knn", k=10)
 
 
 def test_genes_in_another_order_are_aligned(trained):

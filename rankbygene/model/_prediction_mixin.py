@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -91,8 +92,9 @@ class PredictionMixin:
         ``adata.layers[layer_added]`` and its provenance to ``adata.uns["rankbygene"]``.
         Otherwise (an image-only AnnData) a new AnnData with the same ``obs``, ``obsm`` and
         ``uns`` and the model's genes as ``var``, the prediction in ``X`` and
-        ``layers[layer_added]``. Values are log-normalised: ``log1p(counts / total * 1e4)``
-        with the total over the model's genes.
+        ``layers[layer_added]``; a query that has genes, but not exactly the model's, gets
+        the new AnnData too, with a ``UserWarning`` saying how its genes differ. Values are
+        log-normalised: ``log1p(counts / total * 1e4)`` with the total over the model's genes.
 
         Examples
         --------
@@ -187,9 +189,15 @@ class PredictionMixin:
         )
         out.layers[layer_added] = predicted
         record_provenance(out, self, provenance)
-        logger.info(
-            "query lacks the model's genes: returned a new AnnData with layers[%r]", layer_added
-        )
+        if query.n_vars:
+            # a query with genes expects the prediction in its own layers; say why it is not
+            warnings.warn(
+                gene_mismatch_message(list(query.var_names), genes, layer_added),
+                UserWarning,
+                stacklevel=3,  # the user's call, past torch.inference_mode's wrapper
+            )
+        else:
+            logger.info("image-only query: returned a new AnnData with layers[%r]", layer_added)
         return out
 
     def _libraries(self, adata: AnnData, library_key: str | None) -> np.ndarray:
@@ -231,6 +239,51 @@ class PredictionMixin:
             raise ValueError("The reference expression has NaN or infinite values.")
         tensor = torch.as_tensor(rows, dtype=torch.float32)
         return self.module.log_normalize(tensor).cpu().numpy()
+
+
+def gene_mismatch_message(query_genes: list[str], model_genes: list[str], layer: str) -> str:
+    """Why a query with genes got a new AnnData: how its genes differ from the model's.
+
+    Parameters
+    ----------
+    query_genes
+        The query's ``var_names``.
+    model_genes
+        The model's gene panel.
+    layer
+        The layer of the prediction.
+
+    Returns
+    -------
+    A message naming the missing, extra and repeated genes and what was returned.
+    """
+    query_set, model_set = set(query_genes), set(model_genes)
+    missing = [g for g in model_genes if g not in query_set]
+    extra = [g for g in dict.fromkeys(query_genes) if g not in model_set]
+    parts = []
+    if missing:
+        parts.append(
+            f"{len(missing)} of the model's {len(model_genes)} genes are missing from it "
+            f"(e.g. {missing[:3]})"
+        )
+    if extra:
+        parts.append(
+            f"{len(extra)} of its {len(query_set)} genes are not the model's (e.g. {extra[:3]})"
+        )
+    repeated = len(query_genes) - len(query_set)
+    if repeated:
+        parts.append(f"{repeated} of its gene names repeat")
+    hint = (
+        ""
+        if missing
+        else " Subset it to the model's genes to get the prediction in its own layers."
+    )
+    return (
+        "The query's genes differ from the model's: "
+        + "; ".join(parts)
+        + f". The prediction was returned as a new AnnData with the model's {len(model_genes)} "
+        f"genes (X and layers[{layer!r}]); the query was left unchanged.{hint}"
+    )
 
 
 def record_provenance(adata: AnnData, model: Any, prediction: dict) -> None:
