@@ -49,6 +49,9 @@ LIGHTNING_RANK_ZERO_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",
     "lightning.fabric.utilities.rank_zero",
 )
+#: What scvi-tools' TrainRunner prints (to stdout, with the NameError class whatever the
+#: exception) when training raises, interruptions included; the exception itself propagates.
+SCVI_TRAINING_EXCEPTION_PRINT = "Exception raised during training."
 #: (category, emitting module) of third-party warnings raised on import that say nothing about
 #: the user's code: docrep's complaints about squidpy's docstrings.
 QUIET_IMPORT_WARNINGS = ((SyntaxWarning, r"docrep(\.|$)"),)

@@ -7,10 +7,11 @@ logging or sets :attr:`Settings.verbosity`. The ``rankbygene`` command sets the 
 
 from __future__ import annotations
 
+import builtins
 import logging
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from numbers import Integral
 
@@ -19,6 +20,7 @@ from rankbygene._constants import (
     LIGHTNING_TIP_PREFIX,
     LOGGER_NAME,
     QUIET_IMPORT_WARNINGS,
+    SCVI_TRAINING_EXCEPTION_PRINT,
 )
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "logger",
     "parse_verbosity",
     "quiet_lightning_tips",
+    "quiet_scvi_training_exception",
     "quiet_third_party_imports",
     "set_verbosity",
     "settings",
@@ -235,3 +238,58 @@ def quiet_third_party_imports() -> Iterator[None]:
         for category, module in QUIET_IMPORT_WARNINGS:
             warnings.filterwarnings("ignore", category=category, module=module)
         yield
+
+
+@contextmanager
+def quiet_scvi_training_exception(runner_cls: type) -> Iterator[None]:
+    """Run a scvi-tools ``TrainRunner`` without its "Exception raised during training." line.
+
+    scvi-tools (1.4) prints ``"Exception raised during training.", NameError, e`` for any
+    exception in training, a Ctrl+C included, so an interrupted ``train()`` shows a NameError
+    that never happened; the exception itself is re-raised and handled by the caller. Inside the
+    block, ``print`` in the modules defining ``runner_cls`` and its base classes drops that line
+    only and passes every other call on.
+
+    Parameters
+    ----------
+    runner_cls
+        The runner class (scvi-tools' ``TrainRunner`` or a subclass).
+
+    Examples
+    --------
+    >>> from scvi.train import TrainRunner
+    >>> from rankbygene._logging import quiet_scvi_training_exception
+    >>> with quiet_scvi_training_exception(TrainRunner):
+    ...     pass
+    """
+    missing = object()
+    patched: dict[str, object] = {}
+    for cls in runner_cls.__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is None or module is builtins or cls.__module__ in patched:
+            continue
+        namespace = vars(module)
+        previous = namespace.get("print", missing)
+        patched[cls.__module__] = previous
+        # a module global shadows the builtin for the functions of that module alone
+        namespace["print"] = _without_line(builtins.print if previous is missing else previous)
+    try:
+        yield
+    finally:
+        for name, previous in patched.items():
+            namespace = vars(sys.modules[name])
+            if previous is missing:
+                namespace.pop("print", None)
+            else:
+                namespace["print"] = previous
+
+
+def _without_line(shown: Callable[..., None]) -> Callable[..., None]:
+    """``shown`` except for scvi-tools' "Exception raised during training." line."""
+
+    def print_without_the_line(*args: object, **kwargs: object) -> None:
+        if args and args[0] == SCVI_TRAINING_EXCEPTION_PRINT:
+            return
+        shown(*args, **kwargs)
+
+    return print_without_the_line

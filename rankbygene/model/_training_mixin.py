@@ -12,7 +12,11 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 from scvi.train import TrainRunner
 
-from rankbygene._logging import logger, quiet_lightning_tips
+from rankbygene._logging import (
+    logger,
+    quiet_lightning_tips,
+    quiet_scvi_training_exception,
+)
 from rankbygene.model._data import (
     FEATURES_REGISTRY_KEY,
     SpotDataModule,
@@ -149,7 +153,7 @@ class TrainingMixin:
             **trainer_kwargs,
         )
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), quiet_scvi_training_exception(type(runner)):
                 # the EMA teacher is in eval mode on purpose; losses are logged per epoch
                 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
                 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
