@@ -9,6 +9,9 @@ IMAGE_EMBEDDING_KEY = "X_rankbygene"
 GENE_EMBEDDING_KEY = "X_rankbygene_gene"
 PREDICTED_LAYER_KEY = "rankbygene_predicted"
 UNS_KEY = "rankbygene"
+#: Key in ``uns["rankbygene"]`` of an ``embed_slides`` file: the SHA-256 of its settings
+#: fingerprint, slide stamp and tile arrays, checked before the file is taken as done.
+SLIDE_CHECKSUM_KEY = "sha256"
 
 # Read from the scanpy/squidpy spatial layout.
 SPATIAL_KEY = "spatial"

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+
+import anndata
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -281,7 +289,169 @@ def test_embed_slides_checks_every_slide_first(tmp_path, tiny_model, small_slide
         rbg.tl.embed_slides(tiny_model, small_slides[:1], out, tile_size_um=16)
 
 
-# ------------------------------------------------------------------------------ end to end
+def _truncated_copy(source, target):
+    data = source.read_bytes()
+    target.write_bytes(data[: len(data) // 2])  # opens (header, mpp); tiles fail to decode
+    return target
+
+
+def test_embed_slides_goes_on_past_a_broken_slide(
+    tmp_path, tiny_model, small_slides, monkeypatch, caplog
+):
+    broken = _truncated_copy(small_slides[0], tmp_path / "broken.tif")
+    out = tmp_path / "features"
+    cohort = [small_slides[0], broken, small_slides[1]]
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        done = rbg.tl.embed_slides(tiny_model, cohort, out, tile_size_um=64)
+    assert done["status"].tolist() == ["embedded", "failed", "embedded"]
+    assert done.loc["broken", "n_tiles"] == 0
+    assert "broken.tif" in done.loc["broken", "error"]
+    assert "truncated or corrupt" in done.loc["broken", "error"]
+    assert done["error"].isna().tolist() == [True, False, True]
+    assert "Slide 'broken' failed" in caplog.text
+    assert "1 of 3 slides failed" in caplog.text  # the summary at the end
+    assert sorted(p.name for p in out.iterdir()) == ["case0.h5ad", "case1.h5ad"]
+    features = rbg.tl.slide_features(done[done["status"] != "failed"])
+    assert features.index.tolist() == ["case0", "case1"]
+
+    # an error in the middle of a slide (here the model's), on a slide that opened fine
+    original = tiny_model.get_image_representation
+
+    def failing(adata, **kwargs):
+        if adata.obs["library_id"].iloc[0] == "case2":
+            raise RuntimeError("decode error in tile 7")
+        return original(adata, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "get_image_representation", failing)
+    again = rbg.tl.embed_slides(tiny_model, [*cohort, small_slides[2]], out, tile_size_um=64)
+    assert again["status"].tolist() == ["skipped", "failed", "skipped", "failed"]
+    assert again.loc["case2", "error"] == "RuntimeError: decode error in tile 7"
+
+    # every slide failed: the first error is raised, with the others noted
+    other = _truncated_copy(small_slides[1], tmp_path / "broken2.tif")
+    with pytest.raises(ValueError, match=r"broken\.tif.*truncated or corrupt") as raised:
+        rbg.tl.embed_slides(tiny_model, [broken, other], tmp_path / "none", tile_size_um=64)
+    assert any("All 2 slides failed" in note for note in raised.value.__notes__)
+    # on_error="raise" stops at the first failure
+    with pytest.raises(ValueError, match="truncated or corrupt") as raised:
+        rbg.tl.embed_slides(
+            tiny_model, [broken, small_slides[0]], tmp_path / "stop", 64, on_error="raise"
+        )
+    assert "slide 'broken'" in raised.value.__notes__[0]
+    assert not list((tmp_path / "stop").iterdir())
+    with pytest.raises(ValueError, match="on_error"):
+        rbg.tl.embed_slides(tiny_model, small_slides, out, on_error="ignore")
+
+
+def test_embed_slides_redoes_damaged_files(tmp_path, tiny_model, small_slides, caplog):
+    import h5py
+
+    out = tmp_path / "features"
+    rbg.tl.embed_slides(tiny_model, small_slides, out, tile_size_um=64)
+    clean = {s: anndata.read_h5ad(out / f"{s}.h5ad") for s in ("case0", "case1", "case2")}
+
+    with h5py.File(out / "case0.h5ad", "r+") as f:  # values overwritten in place
+        f["obsm/X_rankbygene"][0] = np.nan
+    with h5py.File(out / "case1.h5ad", "r") as f:  # where its embedding's bytes lie
+        offset = f["obsm/X_rankbygene"].id.get_offset()
+    with open(out / "case1.h5ad", "r+b") as handle:  # bytes flipped on disk
+        handle.seek(offset + 40)
+        flipped = bytes(b ^ 0xFF for b in handle.read(8))
+        handle.seek(offset + 40)
+        handle.write(flipped)
+    data = (out / "case2.h5ad").read_bytes()
+    (out / "case2.h5ad").write_bytes(data[: len(data) // 2])  # truncated
+
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        redone = rbg.tl.embed_slides(tiny_model, small_slides, out, tile_size_um=64)
+    assert redone["status"].tolist() == ["embedded"] * 3
+    assert "case0.h5ad is damaged" in caplog.text
+    assert "case1.h5ad is damaged" in caplog.text
+    assert "case2.h5ad is unreadable" in caplog.text
+    for slide_id, before in clean.items():
+        after = anndata.read_h5ad(out / f"{slide_id}.h5ad")
+        np.testing.assert_array_equal(after.obsm["X_rankbygene"], before.obsm["X_rankbygene"])
+        np.testing.assert_array_equal(after.obsm["spatial"], before.obsm["spatial"])
+    features = rbg.tl.slide_features(redone)
+    assert np.isfinite(features.to_numpy()).all()
+    assert (rbg.tl.embed_slides(tiny_model, small_slides, out, 64)["status"] == "skipped").all()
+
+    # a file of an earlier version (no checksum) is still taken, with a warning
+    with h5py.File(out / "case0.h5ad", "r+") as f:
+        del f["uns/rankbygene/sha256"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        done = rbg.tl.embed_slides(tiny_model, small_slides, out, tile_size_um=64)
+    assert (done["status"] == "skipped").all()
+    assert "1 finished slides" in caplog.text
+    assert "no checksum" in caplog.text
+
+
+def test_embed_slides_removes_stale_partial_files(tmp_path, tiny_model, small_slides, caplog):
+    out = tmp_path / "features"
+    out.mkdir()
+    stale = out / ".case0.k2x_9qab.partial.h5ad"  # as a run killed mid-write leaves it
+    stale.touch()
+    kept = [
+        out / ".elsewhere.k2x_9qab.partial.h5ad",  # not a slide of this cohort
+        out / ".case0.partial.h5ad",  # not the package's naming
+        out / "case0.k2x_9qab.partial.h5ad",
+        out / "notes.txt",
+    ]
+    for path in kept:
+        path.touch()
+    with caplog.at_level(logging.INFO, logger="rankbygene"):
+        rbg.tl.embed_slides(tiny_model, small_slides[:1], out, tile_size_um=64)
+    assert not stale.exists()
+    assert "removed 1 unfinished files" in caplog.text
+    assert all(path.exists() for path in kept)
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o027, 0o640), (0o002, 0o664)])
+def test_embed_slides_files_have_the_mode_of_the_umask(
+    tmp_path, tiny_model, small_slides, umask, mode
+):
+    previous = os.umask(umask)
+    try:
+        rbg.tl.embed_slides(tiny_model, small_slides[:1], tmp_path, tile_size_um=64)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "case0.h5ad").stat().st_mode) == mode  # 0o666 & ~umask
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+import scvi
+from anndata import AnnData
+import rankbygene as rbg
+
+scvi.settings.seed = 0
+adata = rbg.datasets.synthetic(n_slides=1, n_spots=30, n_genes=12, seed=1)
+rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+model = rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=8)
+AnnData.write_h5ad = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+rbg.tl.embed_slides(model, [sys.argv[1]], sys.argv[2], tile_size_um=64)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX")
+def test_embed_slides_cleans_up_after_a_kill_mid_write(tmp_path, tiny_model, small_slides):
+    out = tmp_path / "features"
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(small_slides[0]), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (left,) = (p.name for p in out.iterdir())
+    assert left.startswith(".case0.")
+    assert left.endswith(".partial.h5ad")
+    assert (out / left).stat().st_size == 0
+    done = rbg.tl.embed_slides(tiny_model, small_slides[:1], out, tile_size_um=64)
+    assert done["status"].tolist() == ["embedded"]
+    assert sorted(p.name for p in out.iterdir()) == ["case0.h5ad"]
 
 
 # ------------------------------------------------------------------------------ end to end

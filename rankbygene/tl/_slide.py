@@ -11,18 +11,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
 from rankbygene import __version__
-from rankbygene._constants import IMAGE_EMBEDDING_KEY, SPATIAL_KEY, UNS_KEY
+from rankbygene._constants import (
+    IMAGE_EMBEDDING_KEY,
+    SLIDE_CHECKSUM_KEY,
+    SPATIAL_KEY,
+    UNS_KEY,
+)
 from rankbygene._layout import spot_libraries
 from rankbygene._logging import logger
 
@@ -37,6 +44,11 @@ SlideInput = (
 Bags = dict[str, np.ndarray]
 
 _SUFFIX = ".h5ad"
+#: Temporary files of a slide being written: ``.<slide_id>.<8 characters>.partial.h5ad``.
+_PARTIAL = ".partial.h5ad"
+_PARTIAL_NAME = re.compile(r"\.(?P<slide_id>.+)\.[a-z0-9_]{8}" + re.escape(_PARTIAL))
+#: ``obsm`` arrays of a finished file that its checksum covers.
+_CHECKED_OBSM = (IMAGE_EMBEDDING_KEY, SPATIAL_KEY)
 
 
 # ------------------------------------------------------------------------------ embedding
@@ -53,6 +65,7 @@ def embed_slides(
     num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    on_error: Literal["skip", "raise"] = "skip",
     **tile_kwargs: Any,
 ) -> pd.DataFrame:
     """Tile and embed each slide of a cohort, one ``.h5ad`` per slide; resumable.
@@ -60,10 +73,22 @@ def embed_slides(
     For each slide: :func:`rankbygene.pp.tile_slide`, then
     :meth:`RankByGene.get_image_representation` of the tiles, written to
     ``out_dir/<slide_id>.h5ad`` (the tiles' AnnData with ``obsm["X_rankbygene"]`` and
-    ``uns["rankbygene"]``) through a temporary file renamed when complete. Slides whose file
-    exists, written with the same model and settings from the same slide file (size and
-    modification time), are skipped: an interrupted run resumes without redoing finished slides.
-    Every slide is opened and its microns per pixel checked before any work starts.
+    ``uns["rankbygene"]``) through a temporary file, synced to disk and renamed when complete,
+    with the file mode the umask gives new files. Slides whose file exists, written with the
+    same model and settings from the same slide file (size and modification time), are skipped:
+    an interrupted run resumes without redoing finished slides. A finished file is verified
+    first: ``uns["rankbygene"]["sha256"]`` holds the SHA-256 of its settings, slide stamp,
+    ``obsm["X_rankbygene"]`` and ``obsm["spatial"]``, and a file that cannot be read, does not
+    match its checksum or has NaN embeddings is embedded again, with a logged warning (files
+    written before checksums were stored are only checked for NaN). Temporary files that a
+    killed run left for these slides are removed at the start, so two runs must not embed the
+    same slides into the same ``out_dir`` at once. Every slide is opened and its microns per
+    pixel checked before any work starts.
+
+    A slide that fails later (a truncated file that only breaks when its tiles are decoded, an
+    error in the model) does not stop the cohort by default: it is logged as a warning, its row
+    gets status ``"failed"`` and the error, the other slides go on, and a summary of the
+    failures is logged at the end. If every slide fails, the first error is raised.
 
     Parameters
     ----------
@@ -85,13 +110,19 @@ def embed_slides(
         Redo slides already done (also those done with other settings, which otherwise raise).
     progress
         Progress bars (default: a bar over slides, and one per slide of more than 10 batches).
+    on_error
+        ``"skip"``: a slide that fails is reported and the others go on (see above; rerunning
+        retries the failed slides only); ``"raise"``: the first failure stops the run, with
+        the slides finished so far kept.
     **tile_kwargs
         Passed to :func:`~rankbygene.pp.tile_slide` (``tissue_threshold``, ``level``, ...).
 
     Returns
     -------
-    DataFrame indexed by ``slide_id``: ``path``, ``output`` (the ``.h5ad``), ``n_tiles`` and
-    ``status`` (``"embedded"`` or ``"skipped"``). Pass it to :func:`slide_features`.
+    DataFrame indexed by ``slide_id``: ``path``, ``output`` (the ``.h5ad``), ``n_tiles``,
+    ``status`` (``"embedded"``, ``"skipped"`` or ``"failed"``) and ``error`` (the error of a
+    failed slide, else ``None``). Pass it to :func:`slide_features`, without the failed slides
+    (``done[done["status"] != "failed"]``), which have no file.
 
     Raises
     ------
@@ -99,6 +130,8 @@ def embed_slides(
         Before any slide is embedded: a slide is missing or cannot be opened, has no microns
         per pixel (and ``mpp`` is not given), two slides share an id, or a finished file was
         written with other settings (without ``overwrite``).
+    Exception
+        Whatever a slide raised: every slide failed, or ``on_error="raise"``.
 
     Examples
     --------
@@ -118,9 +151,12 @@ def embed_slides(
         )
     if kind not in ("embedding", "backbone"):
         raise ValueError(f"kind must be 'embedding' or 'backbone'; got {kind!r}.")
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}.")
     slides = _slide_paths(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_partials(out_dir, slides)
     settings = {
         "model": _model_fingerprint(model),
         "kind": kind,
@@ -134,19 +170,22 @@ def embed_slides(
     status: dict[str, str] = {}
     n_tiles: dict[str, int] = {}
     mismatched = []
+    unverified = []
     for slide_id, path in slides.items():
         output = out_dir / f"{slide_id}{_SUFFIX}"
         if output.is_file() and not overwrite:
             found = _read_done(output)
-            if found is None:
-                logger.warning(f"{output} is unreadable: slide {slide_id!r} is embedded again.")
-            elif found[0] != fingerprint:
-                mismatched.append(f"{output} ({_differences(found[0], settings)})")
+            if found.problem is not None:
+                logger.warning(f"{output} {found.problem}: slide {slide_id!r} is embedded again.")
+            elif found.fingerprint != fingerprint:
+                mismatched.append(f"{output} ({_differences(found.fingerprint, settings)})")
                 continue
-            elif found[2] != _file_stamp(path):
+            elif found.stamp != _file_stamp(path):
                 logger.info(f"{path} changed since {output} was written: embedded again.")
             else:
-                status[slide_id], n_tiles[slide_id] = "skipped", found[1]
+                if not found.verified:
+                    unverified.append(slide_id)
+                status[slide_id], n_tiles[slide_id] = "skipped", found.n_tiles
                 continue
         with open_slide(path, mpp=mpp, backend=tile_kwargs.get("backend", "auto")) as reader:
             side = tile_size_um / reader.mpp * model.patch_scale
@@ -165,42 +204,94 @@ def embed_slides(
             + "; ".join(mismatched[:5])
             + ". Pass overwrite=True to redo them, or use another out_dir."
         )
+    if unverified:
+        logger.warning(
+            f"{len(unverified)} finished slides in {out_dir} (e.g. {unverified[0]!r}) have no "
+            "checksum, having been written by an earlier rankbygene: they are only checked for "
+            "NaN embeddings. Pass overwrite=True to redo them."
+        )
     todo = [slide_id for slide_id, state in status.items() if state == "pending"]
     if len(todo) < len(slides):
         logger.info(f"{len(slides) - len(todo)} of {len(slides)} slides already embedded")
     show = len(todo) > 1 if progress is None else progress
+    embed = {"kind": kind, "batch_size": batch_size, "num_workers": num_workers}
+    errors: dict[str, str] = {}
+    first_error: Exception | None = None
     for slide_id in tqdm(todo, desc="Slides", unit="slide", disable=not show):
         path = slides[slide_id]
-        tiles = tile_slide(
-            path, tile_size_um=tile_size_um, mpp=mpp, library_id=slide_id, **tile_kwargs
-        )
-        tiles.obsm[IMAGE_EMBEDDING_KEY] = model.get_image_representation(
-            tiles,
-            kind=kind,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            progress=progress,
-        )
-        tiles.uns[UNS_KEY] = {
-            "fingerprint": fingerprint,
-            "version": __version__,
-            "kind": kind,
-            "source_image_path": str(Path(path).resolve()),
-            "source_stamp": _file_stamp(path),
-        }
         output = out_dir / f"{slide_id}{_SUFFIX}"
-        _write_atomic(tiles, output)
+        try:
+            tiles = tile_slide(
+                path, tile_size_um=tile_size_um, mpp=mpp, library_id=slide_id, **tile_kwargs
+            )
+            _embed_and_write(model, tiles, path, output, fingerprint, progress=progress, **embed)
+        except Exception as err:  # any failure of one slide; interruptions still stop the run
+            err.add_note(f"Raised while embedding slide {slide_id!r} ({path}).")
+            if on_error == "raise":
+                raise
+            # the traceback stays for re-raising, without the frames' tiles and tensors
+            traceback.clear_frames(err.__traceback__)
+            first_error = first_error or err
+            errors[slide_id] = f"{type(err).__name__}: {err}"
+            status[slide_id], n_tiles[slide_id] = "failed", 0
+            logger.warning(f"Slide {slide_id!r} failed, going on: {errors[slide_id]}")
+            continue
         status[slide_id], n_tiles[slide_id] = "embedded", tiles.n_obs
         logger.info(f"wrote {output}: {tiles.n_obs} tiles of slide {slide_id!r}")
+    if first_error is not None:
+        listed = "; ".join(f"{s!r}: {e}" for s, e in list(errors.items())[:10])
+        more = f"; and {len(errors) - 10} more" if len(errors) > 10 else ""
+        logger.warning(
+            f"{len(errors)} of {len(slides)} slides failed and have no file in {out_dir}: "
+            f"{listed}{more}. They have status 'failed' in the result; a rerun retries them "
+            "alone."
+        )
+        if len(errors) == len(slides):
+            if len(slides) > 1:
+                first_error.add_note(
+                    f"All {len(slides)} slides failed; this is the first one's error (the log "
+                    "lists them all)."
+                )
+            raise first_error
     return pd.DataFrame(
         {
             "path": [str(slides[s]) for s in slides],
             "output": [str(out_dir / f"{s}{_SUFFIX}") for s in slides],
             "n_tiles": [n_tiles[s] for s in slides],
             "status": [status[s] for s in slides],
+            "error": [errors.get(s) for s in slides],
         },
         index=pd.Index(list(slides), name="slide_id"),
     )
+
+
+def _embed_and_write(
+    model: RankByGene,
+    tiles: AnnData,
+    path: Path,
+    output: Path,
+    fingerprint: str,
+    **embed: Any,
+) -> None:
+    """Embed a slide's tiles and write them, with their checksum, to ``output``."""
+    embedding = model.get_image_representation(tiles, **embed)
+    bad = ~np.isfinite(embedding).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"The model gave NaN or infinite values for {int(bad.sum())} of the {len(bad)} "
+            "tiles; nothing was written."
+        )
+    tiles.obsm[IMAGE_EMBEDDING_KEY] = embedding
+    stamp = _file_stamp(path)
+    tiles.uns[UNS_KEY] = {
+        "fingerprint": fingerprint,
+        "version": __version__,
+        "kind": embed["kind"],
+        "source_image_path": str(Path(path).resolve()),
+        "source_stamp": stamp,
+        SLIDE_CHECKSUM_KEY: _checksum(fingerprint, stamp, _checked_arrays(tiles.obsm)),
+    }
+    _write_atomic(tiles, output)
 
 
 def _slide_paths(
@@ -252,8 +343,20 @@ def _file_stamp(path: str | Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _read_done(path: Path) -> tuple[str, int, str] | None:
-    """Fingerprint, tile count and slide stamp of a finished file; ``None`` when unreadable."""
+class _Done(NamedTuple):
+    """What a finished file says of itself."""
+
+    fingerprint: str
+    n_tiles: int
+    stamp: str
+    #: Whether a checksum was stored (and matched); files of earlier versions have none.
+    verified: bool
+    #: Why the file cannot be taken as done (unreadable, damaged); ``None`` when it can.
+    problem: str | None
+
+
+def _read_done(path: Path) -> _Done:
+    """Settings fingerprint, tile count and slide stamp of a finished file, once verified."""
     import h5py
 
     def text(value: Any) -> str:
@@ -261,12 +364,36 @@ def _read_done(path: Path) -> tuple[str, int, str] | None:
 
     try:
         with h5py.File(path, "r") as f:
-            fingerprint = text(f[f"uns/{UNS_KEY}/fingerprint"][()])
-            stamp = text(f[f"uns/{UNS_KEY}/source_stamp"][()])
-            n = int(f[f"obsm/{IMAGE_EMBEDDING_KEY}"].shape[0])
-    except (OSError, KeyError):
-        return None
-    return fingerprint, n, stamp
+            entry = f[f"uns/{UNS_KEY}"]
+            fingerprint = text(entry["fingerprint"][()])
+            stamp = text(entry["source_stamp"][()])
+            stored = text(entry[SLIDE_CHECKSUM_KEY][()]) if SLIDE_CHECKSUM_KEY in entry else None
+            arrays = {key: f[f"obsm/{key}"][()] for key in _CHECKED_OBSM if f"obsm/{key}" in f}
+            embedding = arrays[IMAGE_EMBEDDING_KEY]
+    except Exception as err:  # h5py raises many types for a truncated or damaged file
+        return _Done("", 0, "", False, f"is unreadable ({type(err).__name__}: {err})")
+    problem = None
+    if stored is not None and stored != _checksum(fingerprint, stamp, arrays):
+        problem = "is damaged (its contents do not match their checksum)"
+    elif not np.isfinite(embedding).all():
+        problem = "has NaN or infinite embeddings"
+    return _Done(fingerprint, int(embedding.shape[0]), stamp, stored is not None, problem)
+
+
+def _checked_arrays(obsm: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {key: np.asarray(obsm[key]) for key in _CHECKED_OBSM if key in obsm}
+
+
+def _checksum(fingerprint: str, stamp: str, arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of what a finished file stands for: settings, slide stamp and tile arrays."""
+    digest = hashlib.sha256()
+    for part in (fingerprint, stamp):
+        digest.update(part.encode() + b"\0")
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def _differences(found: str, expected: dict[str, Any]) -> str:
@@ -279,14 +406,46 @@ def _differences(found: str, expected: dict[str, Any]) -> str:
 
 
 def _write_atomic(adata: AnnData, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial.h5ad")
-    os.close(fd)
+    """Write ``adata`` to ``path`` through a temporary file, synced, then renamed."""
+    tmp = _new_partial(path)
     try:
         adata.write_h5ad(tmp)
+        # on disk before the rename: a crash leaves the previous file or none, never a stub
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_partial(path: Path) -> Path:
+    """A new empty temporary file for ``path``, named as :func:`_remove_partials` expects."""
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}{_PARTIAL}")
+        try:
+            # created as open() creates files, so the mode is what the umask gives (mkstemp's
+            # would be 0600 whatever the umask); the rename keeps it
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def _remove_partials(out_dir: Path, slide_ids: Iterable[str]) -> None:
+    """Remove the temporary files that a killed run left for these slides, and only those."""
+    wanted = set(slide_ids)
+    removed = []
+    for candidate in out_dir.glob(f".*{_PARTIAL}"):
+        match = _PARTIAL_NAME.fullmatch(candidate.name)
+        if match and match["slide_id"] in wanted and candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate.name)
+    if removed:
+        logger.info(
+            f"removed {len(removed)} unfinished files of an interrupted run from {out_dir}: "
+            + ", ".join(sorted(removed)[:5])
+        )
 
 
 def _plain(value: Any) -> Any:
