@@ -4,22 +4,78 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# Written by the package, and only these.
+# Written by the package into a user's AnnData (docs/data_layout.md lists each; a test checks).
 IMAGE_EMBEDDING_KEY = "X_rankbygene"
 GENE_EMBEDDING_KEY = "X_rankbygene_gene"
 PREDICTED_LAYER_KEY = "rankbygene_predicted"
 UNS_KEY = "rankbygene"
+#: ``layers`` key of the log-normalised expression of ``pp.normalize``.
+LOGNORM_LAYER_KEY = "lognorm"
+#: Appended to the layer's name by ``pp.smooth_expression`` (``"lognorm_smoothed"``).
+SMOOTHED_LAYER_SUFFIX = "_smoothed"
+#: ``var`` column of ``pp.select_genes``: whether a gene is in the panel.
+PANEL_KEY = "rankbygene_panel"
+#: ``obs`` column of ``tl.rank_consistency``.
+RANK_CONSISTENCY_KEY = "rank_consistency"
+#: ``obsm`` (values) and ``uns`` (their names) key of ``tl.patch_statistics``.
+PATCH_STATISTICS_KEY = "X_patch_statistics"
 #: Key in ``uns["rankbygene"]`` of an ``embed_slides`` file: the SHA-256 of its settings
 #: fingerprint, slide stamp and tile arrays, checked before the file is taken as done.
 SLIDE_CHECKSUM_KEY = "sha256"
 
-# Read from the scanpy/squidpy spatial layout.
+# The scanpy/squidpy spatial layout: read everywhere; written by the readers, tile_slide and the
+# synthetic data (each uns["spatial"] entry built by rankbygene._layout.spatial_entry).
 SPATIAL_KEY = "spatial"
-SCALEFACTOR_SPOT_DIAMETER = "spot_diameter_fullres"
-METADATA_SOURCE_IMAGE = "source_image_path"
 #: ``obs`` column of each spot's library in squidpy's layout; preferred when ``library_key`` is
 #: left out and several columns name the libraries of ``uns["spatial"]``.
 LIBRARY_ID_KEY = "library_id"
+#: ``layers`` key of the raw counts that the readers keep beside ``X``.
+COUNTS_LAYER_KEY = "counts"
+#: ``obs`` columns: array position (squidpy's), whether under tissue, a tile's tissue fraction.
+ARRAY_ROW_KEY = "array_row"
+ARRAY_COL_KEY = "array_col"
+IN_TISSUE_KEY = "in_tissue"
+TISSUE_FRACTION_KEY = "tissue_fraction"
+#: The three parts of a library's ``uns["spatial"]`` entry.
+IMAGES_KEY = "images"
+SCALEFACTORS_KEY = "scalefactors"
+METADATA_KEY = "metadata"
+#: Image keys: squidpy's thumbnails, and the lazy full-resolution image of a SpatialData element.
+HIRES_IMAGE_KEY = "hires"
+LOWRES_IMAGE_KEY = "lowres"
+FULLRES_IMAGE_KEY = "fullres"
+#: An image's scale factor (its pixels per full-resolution pixel) is under
+#: ``f"{SCALEFACTOR_PREFIX}{image_key}{SCALEFACTOR_SUFFIX}"``, e.g. ``tissue_hires_scalef``.
+SCALEFACTOR_PREFIX = "tissue_"
+SCALEFACTOR_SUFFIX = "_scalef"
+SCALEFACTOR_SPOT_DIAMETER = "spot_diameter_fullres"
+#: Fiducial diameter of the synthetic data, as Space Ranger writes it.
+SCALEFACTOR_FIDUCIAL_DIAMETER = "fiducial_diameter_fullres"
+#: ``metadata`` keys. The full-resolution image file that patches are read from, lazily:
+METADATA_SOURCE_IMAGE = "source_image_path"
+#: An HDF5 file of precomputed patches (HEST-1k), used where there is no source image.
+METADATA_PATCHES_PATH = "patches_path"
+#: Microns per full-resolution pixel, and the assay.
+METADATA_MPP = "mpp"
+METADATA_TECHNOLOGY = "technology"
+#: The function that wrote the entry (``tile_slide``, the synthetic data), and its seed.
+METADATA_SOURCE = "source"
+METADATA_SEED = "seed"
+#: The files ``read_st`` read, and a HEST sample's own metadata (``read_hest``).
+METADATA_COUNTS_PATH = "counts_path"
+METADATA_SPOTS_PATH = "spots_path"
+METADATA_HEST = "hest"
+#: The elements ``from_spatialdata`` read.
+METADATA_SPATIALDATA_TABLE = "spatialdata_table"
+METADATA_SPATIALDATA_SHAPES = "spatialdata_shapes"
+METADATA_SPATIALDATA_IMAGE = "spatialdata_image"
+#: A library of whole-slide tiles (``tile_slide``): the tile side in microns (what marks a
+#: library as tiles) and in pixels, the grid's stride and the tissue thresholds used.
+METADATA_TILE_SIZE_UM = "tile_size_um"
+METADATA_TILE_SIZE_PX = "tile_size_px"
+METADATA_STRIDE_PX = "stride_px"
+METADATA_TISSUE_THRESHOLD = "tissue_threshold"
+METADATA_SATURATION_THRESHOLD = "saturation_threshold"
 
 # What setup_anndata takes for data in the wrong units.
 #: Expression whose values are not all integers and all stay below this looks log-normalised
@@ -43,6 +99,13 @@ SWAPPED_OUTSIDE_FRACTION = 0.1
 #: Factors coordinates are commonly off by besides the images' scale factors: pixel positions of
 #: a spot table divided by 10.
 COMMON_COORDINATE_FACTORS = (10.0,)
+
+# Patch resolution (PatchExtractor.check_resolution).
+#: Patches of spots upsampled by more than this factor are logged as blurry; tiles of a whole
+#: slide, whose size is chosen, are warned about as soon as they are upsampled at all. A spot's
+#: diameter is fixed by the assay, and some upsampling of it is the norm (a 55 um Visium spot
+#: spans 110 px at 0.5 um/px, below a 224 px encoder input).
+MAX_SPOT_UPSAMPLING = 4.0
 
 # Logging.
 LOGGER_NAME = "rankbygene"

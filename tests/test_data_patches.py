@@ -4,6 +4,7 @@ import copy
 import os
 import pickle
 import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -16,6 +17,7 @@ from conftest import HER2ST, requires_her2st
 from PIL import Image
 
 import rankbygene.data._patches as patches_module
+from rankbygene._layout import ImageSource
 from rankbygene.data import PatchExtractor
 
 RNG = np.random.default_rng(0)
@@ -603,3 +605,30 @@ def test_her2st_patch_equals_jpeg_pixels(monkeypatch):
     with Image.open(image_path) as im:
         expected = np.asarray(im.crop((x0, y0, x0 + 128, y0 + 128)).convert("RGB"))
     np.testing.assert_array_equal(patches[i], expected)
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def test_check_resolution_warns_about_tiles_once_and_logs_blurry_spots(caplog):
+    small_tiles = ImageSource("tiles_8um", 16.0, image_key="hires", tile_size_um=8.0)
+    coarse_spots = ImageSource("coarse_spots", 6.0, image_key="hires")  # 6 px * 4 < 32
+    sharp_tiles = ImageSource("tiles_32um", 64.0, image_key="hires", tile_size_um=32.0)
+    sources = {"a": small_tiles, "b": coarse_spots, "c": sharp_tiles}
+    with pytest.raises(ValueError, match=r"'a' \(in memory\): tiles of 8 um span 16 px"):
+        PatchExtractor.check_resolution(sources, 1.0, 32, action="raise")
+    with (
+        caplog.at_level("WARNING", logger="rankbygene"),
+        pytest.warns(UserWarning, match="upsampled") as caught,
+    ):
+        assert PatchExtractor.check_resolution(sources, 1.0, 32) == ["a", "b"]
+    assert len(caught) == 1
+    assert "'c'" not in str(caught[0].message)
+    assert "Library 'b': a patch spans 6.0 pixels" in caplog.text
+    # the same images at the same geometry are not reported again; another geometry is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PatchExtractor.check_resolution(sources, 1.0, 32) == ["a", "b"]
+    with pytest.warns(UserWarning, match="span 24 px"):
+        PatchExtractor.check_resolution(sources, 1.5, 32)
+    assert PatchExtractor.check_resolution(sources, 1.0, 16) == []

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 
 import rankbygene as rbg
-from rankbygene.datasets._cohort import write_pyramidal_tiff
-from rankbygene.io import open_image
+from rankbygene.io import open_image, write_pyramidal_tiff
 
 
 @pytest.fixture(scope="module")

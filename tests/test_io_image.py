@@ -14,8 +14,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from rankbygene.datasets._cohort import write_pyramidal_tiff
-from rankbygene.io import ArrayImage, PILImage, TiffImage, open_image
+from rankbygene.io import ArrayImage, PILImage, TiffImage, open_image, write_pyramidal_tiff
 from rankbygene.io._image import as_rgb_uint8
 
 

@@ -10,8 +10,7 @@ from PIL import Image
 
 import rankbygene as rbg
 from rankbygene.data import PatchExtractor
-from rankbygene.datasets._cohort import write_pyramidal_tiff
-from rankbygene.io import TiffImage, open_image
+from rankbygene.io import TiffImage, open_image, write_pyramidal_tiff
 
 MPP = 0.5
 TISSUE_BOX = (300, 200, 1000, 850)  # x0, y0, x1, y1 of the tissue on the glass

@@ -8,6 +8,7 @@ import signal
 import stat
 import subprocess
 import sys
+import warnings
 
 import anndata
 import matplotlib
@@ -17,7 +18,7 @@ import pytest
 from anndata import AnnData
 
 import rankbygene as rbg
-from rankbygene.datasets._cohort import write_pyramidal_tiff
+from rankbygene.io import write_pyramidal_tiff
 from rankbygene.pl._survival import km_curves
 
 matplotlib.use("Agg")
@@ -287,6 +288,17 @@ def test_embed_slides_checks_every_slide_first(tmp_path, tiny_model, small_slide
     assert not any(out.iterdir())  # nothing was embedded
     with pytest.warns(UserWarning, match="upsampled"), pytest.raises(ZeroDivisionError):
         rbg.tl.embed_slides(tiny_model, small_slides[:1], out, tile_size_um=16)
+
+
+def test_embed_slides_warns_once_per_slide(tmp_path, tiny_model, small_slides):
+    # 24 um tiles span 24 px at 1 um/px, below the model's 32 px input
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rbg.tl.embed_slides(tiny_model, small_slides[:2], tmp_path / "out", tile_size_um=24)
+    upsampled = [str(w.message) for w in caught if "upsampled" in str(w.message)]
+    assert len(upsampled) == 2  # checked before any slide is embedded, not again when embedded
+    assert "'case0'" in upsampled[0]
+    assert "'case1'" in upsampled[1]
 
 
 def _truncated_copy(source, target):

@@ -5,33 +5,28 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from anndata import AnnData
 
-from rankbygene._constants import SPATIAL_KEY
+from rankbygene._constants import IMAGES_KEY, MAX_SPOT_UPSAMPLING, SPATIAL_KEY
 from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
-from rankbygene.io._image import (
-    BACKGROUND,
-    ArrayImage,
-    _resize,
-    as_rgb_uint8,
-    is_lazy_array,
-    open_image,
-)
+from rankbygene.io._image import BACKGROUND, ArrayImage, is_lazy_array, open_image
+from rankbygene.io._patch_file import PATCH_BARCODE_KEYS, PATCH_IMAGE_KEYS, PatchFile
 
 __all__ = ["PatchExtractor"]
 
 _CACHE_FORMAT = 1  # bump when the pixels produced for the same inputs change
 _OUT_OF_BOUNDS = ("raise", "pad", "drop")
 _CACHES = (None, "memory", "disk")
-_PATCH_IMAGE_KEYS = ("img", "imgs", "images")  # names HEST-1k files use
-_PATCH_BARCODE_KEYS = ("barcode", "barcodes")
+# (image, patch pixels, input size) already reported by check_resolution in this process
+_RESOLUTION_REPORTED: set[tuple[Any, ...]] = set()
 
 
 class PatchExtractor:
@@ -171,12 +166,7 @@ class PatchExtractor:
             self._boxes[spots, 1] = centres[:, 1] - side / 2
             self._boxes[spots, 2] = side
             inside[spots] = _inside(self._boxes[spots], self._shapes[lib])
-            if side * 4 < self.patch_size:
-                logger.warning(
-                    f"Library {lib!r}: a patch spans {side:.1f} pixels of its "
-                    f"{source.kind} image, upsampled to {self.patch_size}: patches will be blurry "
-                    "(use a higher-resolution image)."
-                )
+        self.check_resolution(sources, self.patch_scale, self.patch_size)
         if self.patch_scale != 1.0:
             fixed = [lib for lib in libraries if sources[lib].kind == "patches"]
             if fixed:
@@ -349,6 +339,84 @@ class PatchExtractor:
             f"patch_size={self.patch_size}, patch_scale={self.patch_scale}, cache={self.cache!r})"
         )
 
+    @staticmethod
+    def check_resolution(
+        sources: Mapping[str, ImageSource],
+        patch_scale: float,
+        input_size: int,
+        action: Literal["warn", "raise"] = "warn",
+    ) -> list[str]:
+        """Report the libraries whose patches are upsampled more than their kind allows.
+
+        A patch spans ``spot_diameter_fullres * patch_scale * scale`` pixels of its image and is
+        resized to ``input_size``. Tiles of a whole slide (libraries with a ``tile_size_um``,
+        written by :func:`~rankbygene.pp.tile_slide`) have the size the user chose: tiles that
+        span fewer pixels than ``input_size`` are upsampled (blurry, and not the scale the
+        encoder learnt), a :class:`UserWarning`. A spot's diameter is fixed by the assay and
+        some upsampling is the norm: beyond ``MAX_SPOT_UPSAMPLING`` times, a logged warning.
+        Each library's image is reported once per process at a given geometry: an extractor
+        checks its libraries when it is built, and :func:`~rankbygene.tl.embed_slides` each
+        slide before tiling it. Precomputed patches are not checked.
+
+        Parameters
+        ----------
+        sources
+            Library id to :class:`~rankbygene._layout.ImageSource` (an extractor's
+            :attr:`sources`).
+        patch_scale
+            Patch side in spot (or tile) diameters.
+        input_size
+            Side in pixels that patches are resized to (the encoder's input).
+        action
+            For tiles: ``"warn"``, or ``"raise"`` a :class:`ValueError` (every time).
+
+        Returns
+        -------
+        The library ids whose patches are upsampled more than allowed.
+
+        Examples
+        --------
+        >>> patches = PatchExtractor(tiles, patch_size=224)  # doctest: +SKIP
+        >>> PatchExtractor.check_resolution(patches.sources, 1.0, 224)  # doctest: +SKIP
+        []
+        """
+        faults, tiles = [], []
+        for lib, source in sources.items():
+            if source.kind == "patches":
+                continue
+            pixels = source.spot_diameter_fullres * patch_scale * source.scale
+            is_tile = source.tile_size_um is not None
+            if pixels >= (input_size if is_tile else input_size / MAX_SPOT_UPSAMPLING):
+                continue
+            faults.append(lib)
+            image = source.path if source.path is not None else (lib, source.image_key)
+            reported = (str(image), round(pixels, 3), int(input_size))
+            if action == "warn" and reported in _RESOLUTION_REPORTED:
+                continue
+            if is_tile:
+                where = source.path or "in memory"
+                tiles.append(
+                    f"{lib!r} ({where}): tiles of {source.tile_size_um:g} um span {pixels:.0f} px"
+                )
+            else:
+                logger.warning(
+                    f"Library {lib!r}: a patch spans {pixels:.1f} pixels of its {source.kind} "
+                    f"image, upsampled to {input_size}: patches will be blurry (use a "
+                    "higher-resolution image)."
+                )
+            if action == "warn":
+                _RESOLUTION_REPORTED.add(reported)
+        if tiles:
+            message = (
+                f"Tiles smaller than the encoder's input of {input_size} px are upsampled "
+                f"(blurry): {'; '.join(tiles)}. Tile with a larger tile_size_um, or use a model "
+                "with a smaller input_size."
+            )
+            if action == "raise":
+                raise ValueError(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+        return faults
+
     # ------------------------------------------------------------------ reading
 
     def _read(self, i: int) -> np.ndarray:
@@ -379,7 +447,7 @@ class PatchExtractor:
         if source.kind == "memory":
             reader = open_image(self._arrays[lib])  # a converted copy
         elif source.kind == "patches":
-            reader = _PatchFile(source.patches_path)
+            reader = PatchFile(source.patches_path)
         else:
             reader = open_image(source.path)
         if lib in self._opened and source.kind != "memory":
@@ -514,62 +582,42 @@ class PatchExtractor:
         return h.hexdigest()
 
 
-class _PatchFile:
-    """Rows of an HDF5 file of precomputed patches (``img``), opened on first use."""
-
-    def __init__(self, path: Path) -> None:
-        import h5py
-
-        self.path = path
-        self._file = h5py.File(path, "r")
-        self._images = self._file[next(k for k in _PATCH_IMAGE_KEYS if k in self._file)]
-
-    def read(self, row: int, size: int) -> np.ndarray:
-        patch = as_rgb_uint8(np.asarray(self._images[row]), name=f"{self.path}['img'][{row}]")
-        return _resize(np.ascontiguousarray(patch), size)
-
-    def close(self) -> None:
-        self._file.close()
-
-
 def _match_patch_rows(source: ImageSource, names: np.ndarray) -> tuple[tuple[int, int], np.ndarray]:
     """Shape of the stored patches and, per spot, its row in the file (-1 when absent)."""
-    import h5py
-
     path = source.patches_path
     try:
-        with h5py.File(path, "r") as f:
-            keys = []
-            for candidates in (_PATCH_IMAGE_KEYS, _PATCH_BARCODE_KEYS):
-                key = next((k for k in candidates if k in f), None)
+        with PatchFile(path) as patches:
+            for key, candidates in (
+                (patches.image_key, PATCH_IMAGE_KEYS),
+                (patches.barcode_key, PATCH_BARCODE_KEYS),
+            ):
                 if key is None:
                     raise KeyError(
                         f"Patches file {path} (library {source.library_id!r}) has no dataset "
-                        f"{candidates[0]!r} (datasets: {list(f.keys())})."
+                        f"{candidates[0]!r} (datasets: {patches.datasets})."
                     )
-                keys.append(key)
-            shape = f[keys[0]].shape
-            barcodes = np.asarray(f[keys[1]][()]).reshape(-1)
+            shape = patches.image_shape
+            barcodes = patches.barcodes()
     except OSError as err:
         raise ValueError(f"Could not read patches file {path}: {err}") from err
     if len(shape) != 4 or shape[-1] not in (3, 4) or shape[0] != len(barcodes):
         raise ValueError(
-            f"Patches file {path}: 'img' must be (N, h, w, 3) with one barcode per row; got "
-            f"{shape} and {len(barcodes)} barcodes."
+            f"Patches file {path}: {PATCH_IMAGE_KEYS[0]!r} must be (N, h, w, 3) with one barcode "
+            f"per row; got {shape} and {len(barcodes)} barcodes."
         )
-    barcodes = [b.decode() if isinstance(b, bytes) else str(b) for b in barcodes]
     row_of = {barcode: row for row, barcode in enumerate(barcodes)}
     rows = np.array([row_of.get(str(name), -1) for name in names], dtype=np.int64)
     return (int(shape[1]), int(shape[2])), rows
 
 
 def _memory_image(adata: AnnData, source: ImageSource) -> np.ndarray:
-    image = adata.uns[SPATIAL_KEY][source.library_id]["images"][source.image_key]
+    image = adata.uns[SPATIAL_KEY][source.library_id][IMAGES_KEY][source.image_key]
     # a lazy (dask) image, e.g. a SpatialData element, stays lazy: patches read their regions
     array = image if is_lazy_array(image) else np.asarray(image)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         raise ValueError(
-            f"adata.uns['spatial'][{source.library_id!r}]['images'][{source.image_key!r}] must be "
+            f"adata.uns[{SPATIAL_KEY!r}][{source.library_id!r}][{IMAGES_KEY!r}]"
+            f"[{source.image_key!r}] must be "
             f"(H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}."
         )
     return array

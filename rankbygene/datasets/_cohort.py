@@ -8,18 +8,16 @@ region type, so that slide-level models built on tile features can be checked en
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from rankbygene._logging import logger
 from rankbygene.datasets._synthetic import REGION_TYPES, synthetic
+from rankbygene.io import write_pyramidal_tiff
 
-__all__ = ["synthetic_cohort", "write_pyramidal_tiff"]
+__all__ = ["synthetic_cohort"]
 
 #: Median survival (months) of a slide with the cohort's mean region fraction.
 _MEDIAN_SURVIVAL = 24.0
@@ -175,90 +173,3 @@ def _restain(image: np.ndarray, strength: float, rng: np.random.Generator) -> np
     density = -np.log(np.maximum(image.astype(np.float32), 1.0) / 255.0)
     density = density @ mixing.astype(np.float32).T
     return np.clip(255.0 * np.exp(-np.maximum(density, 0.0)), 0, 255).astype(np.uint8)
-
-
-def write_pyramidal_tiff(
-    path: str | Path,
-    image: np.ndarray,
-    mpp: float | None = None,
-    tile: int = 256,
-    min_side: int = 512,
-    compression: str | None = "zlib",
-) -> Path:
-    """Write an RGB image as a tiled pyramidal TIFF (levels in SubIFDs, as OME-TIFF/QuPath do).
-
-    Written to a temporary file, then renamed: a reader never sees half a slide.
-
-    Parameters
-    ----------
-    path
-        Output file (``.tif``).
-    image
-        ``(H, W, 3)`` uint8 image.
-    mpp
-        Microns per pixel, written as resolution tags (pixels per centimetre) and as ``MPP =``
-        in the description (as Aperio SVS files); ``None`` writes neither.
-    tile
-        Tile side in pixels (a multiple of 16).
-    min_side
-        Levels halve the previous one until the long side is at most this.
-    compression
-        ``"zlib"`` (lossless), ``"jpeg"`` or ``None``.
-
-    Returns
-    -------
-    The path written.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from rankbygene.datasets._cohort import write_pyramidal_tiff
-    >>> from rankbygene.io import open_image
-    >>> image = np.full((1200, 1000, 3), 240, np.uint8)
-    >>> path = write_pyramidal_tiff(tmp_path / "slide.tif", image, mpp=0.5)  # doctest: +SKIP
-    >>> open_image(path).level_downsamples  # doctest: +SKIP
-    (1.0, 2.0, 4.0)
-    """
-    import tifffile
-
-    path = Path(path)
-    image = np.ascontiguousarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8; got {image.shape} {image.dtype}.")
-    levels = [image]
-    while max(levels[-1].shape[:2]) > min_side:
-        height, width = levels[-1].shape[:2]
-        size = (max(1, width // 2), max(1, height // 2))
-        levels.append(np.asarray(Image.fromarray(levels[-1]).resize(size, Image.Resampling.BOX)))
-    options = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tif.partial")
-    os.close(fd)
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as tif:
-            for k, level in enumerate(levels):
-                extra = {}
-                if mpp is not None:
-                    pixels_per_cm = 1e4 / (mpp * image.shape[1] / level.shape[1])
-                    extra = {"resolution": (pixels_per_cm, pixels_per_cm)}
-                    extra["resolutionunit"] = "CENTIMETER"
-                if k == 0:
-                    description = "rankbygene synthetic slide"
-                    if mpp is not None:
-                        description += f"|MPP = {mpp}"
-                    tif.write(
-                        level,
-                        subifds=len(levels) - 1,
-                        description=description,
-                        metadata=None,
-                        **options,
-                        **extra,
-                    )
-                else:
-                    tif.write(level, subfiletype=1, metadata=None, **options, **extra)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    logger.info(f"wrote {path} ({image.shape[1]} x {image.shape[0]} px, {len(levels)} levels)")
-    return path

@@ -1,5 +1,8 @@
 """Readers: spatial transcriptomics slides into AnnData (scanpy/squidpy layout), images lazily.
 
+Images are also written here: :func:`write_pyramidal_tiff` writes an array as the tiled
+pyramidal TIFF that whole-slide readers (and :func:`rankbygene.pp.tile_slide`) expect.
+
 Every slide enters the package in the scanpy/squidpy spatial layout: raw counts in ``X``
 (and ``layers["counts"]``), spot centres in full-resolution pixels in ``obsm["spatial"]``, and
 ``uns["spatial"][library_id]`` with thumbnails, scale factors (``spot_diameter_fullres``
@@ -61,6 +64,7 @@ from rankbygene.io._image import (
     TiffImage,
     open_image,
 )
+from rankbygene.io._pyramid import write_pyramidal_tiff
 from rankbygene.io._spatialdata import from_spatialdata, to_spatialdata
 from rankbygene.io._st import infer_spot_diameter, read_st
 
@@ -76,4 +80,5 @@ __all__ = [
     "read_hest",
     "read_st",
     "to_spatialdata",
+    "write_pyramidal_tiff",
 ]

@@ -14,24 +14,31 @@ from anndata.utils import make_index_unique
 from PIL import Image
 from scipy import sparse
 
-from rankbygene._constants import METADATA_SOURCE_IMAGE, SCALEFACTOR_SPOT_DIAMETER, SPATIAL_KEY
+from rankbygene._constants import (
+    COUNTS_LAYER_KEY,
+    IMAGES_KEY,
+    LIBRARY_ID_KEY,
+    METADATA_HEST,
+    METADATA_MPP,
+    METADATA_PATCHES_PATH,
+    METADATA_SOURCE_IMAGE,
+    METADATA_TECHNOLOGY,
+    SCALEFACTOR_SPOT_DIAMETER,
+    SCALEFACTORS_KEY,
+    SPATIAL_KEY,
+)
+
+# the entry builder only: rankbygene._layout's readers of images import rankbygene.io
+from rankbygene._layout._entry import image_scales, read_thumbnails, spatial_entry, thumbnails
 from rankbygene._logging import logger
 from rankbygene.io._image import ImageReader, as_rgb_uint8, open_image
-from rankbygene.io._st import (
-    COUNTS_LAYER,
-    LIBRARY_KEY,
-    _check_sides,
-    _existing_file,
-    _spatial_entry,
-    _thumbnails,
-)
+from rankbygene.io._patch_file import PATCH_COORDS_KEY, PatchFile
+from rankbygene.io._st import check_sides, existing_file
 
 __all__ = ["read_hest"]
 
 _FULLRES_COLUMNS = ("pxl_col_in_fullres", "pxl_row_in_fullres")  # x, y in HEST's obs
 _MPP_KEYS = ("pixel_size_um_estimated", "pixel_size_um_embedded")
-_PATCH_IMAGE_KEYS = ("img", "imgs", "images")
-_PATCH_BARCODE_KEYS = ("barcode", "barcodes")
 
 
 def read_hest(
@@ -100,11 +107,11 @@ def read_hest(
     ...     metadata="hest_data/metadata/TENX95.json",
     ... )
     """
-    h5ad_path = _existing_file(h5ad, "HEST h5ad file")
-    wsi_path = _existing_file(wsi, "Whole-slide image") if wsi is not None else None
-    patches_path = _existing_file(patches, "Patch file") if patches is not None else None
-    meta_path = _existing_file(metadata, "Metadata file") if metadata is not None else None
-    _check_sides(hires_max_side=hires_max_side, lowres_max_side=lowres_max_side)
+    h5ad_path = existing_file(h5ad, "HEST h5ad file")
+    wsi_path = existing_file(wsi, "Whole-slide image") if wsi is not None else None
+    patches_path = existing_file(patches, "Patch file") if patches is not None else None
+    meta_path = existing_file(metadata, "Metadata file") if metadata is not None else None
+    check_sides(hires_max_side=hires_max_side, lowres_max_side=lowres_max_side)
 
     meta = _read_metadata(meta_path) if meta_path is not None else {}
     reader = open_image(wsi_path) if wsi_path is not None else None
@@ -123,26 +130,25 @@ def read_hest(
 
     if reader is not None:
         try:
-            images, scalefactors = _thumbnails(reader, hires_max_side, lowres_max_side)
+            images = read_thumbnails(reader, hires_max_side, lowres_max_side)
         finally:
             reader.close()
     else:
-        images, scalefactors = _embedded_images(source, lowres_max_side)
-    scalefactors[SCALEFACTOR_SPOT_DIAMETER] = float(diameter)
+        images = _embedded_images(source, lowres_max_side)
     entry_metadata: dict[str, Any] = {}
     if wsi_path is not None:
         entry_metadata[METADATA_SOURCE_IMAGE] = str(wsi_path.resolve())
     if patches_path is not None:
-        entry_metadata["patches_path"] = str(patches_path.resolve())
+        entry_metadata[METADATA_PATCHES_PATH] = str(patches_path.resolve())
     if mpp is not None:
-        entry_metadata["mpp"] = float(mpp)
-    entry_metadata["technology"] = str(meta.get("st_technology", "unknown"))
+        entry_metadata[METADATA_MPP] = float(mpp)
+    entry_metadata[METADATA_TECHNOLOGY] = str(meta.get("st_technology", "unknown"))
     hest_meta = {k: v for k, v in meta.items() if isinstance(v, str | int | float | bool)}
     if hest_meta:
-        entry_metadata["hest"] = hest_meta
+        entry_metadata[METADATA_HEST] = hest_meta
 
     obs = source.obs.copy()
-    obs[LIBRARY_KEY] = pd.Categorical([library_id] * source.n_obs)
+    obs[LIBRARY_ID_KEY] = pd.Categorical([library_id] * source.n_obs)
     var = source.var.copy()
     if not var.index.is_unique:
         var.index = make_index_unique(var.index.astype(str))  # as var_names_make_unique
@@ -152,13 +158,14 @@ def read_hest(
         if key != SPATIAL_KEY:
             adata.obsm[key] = value
     adata.obsm[SPATIAL_KEY] = coords
-    adata.layers[COUNTS_LAYER] = counts.copy()
+    adata.layers[COUNTS_LAYER_KEY] = counts.copy()
     uns = {k: v for k, v in source.uns.items() if k != SPATIAL_KEY}
-    uns[SPATIAL_KEY] = {library_id: _spatial_entry(images, scalefactors, entry_metadata)}
+    uns[SPATIAL_KEY] = {library_id: spatial_entry(images, diameter, entry_metadata)}
     adata.uns.update(uns)
     logger.info(
-        f"read {adata.n_obs} spots x {adata.n_vars} genes: added X, layers['{COUNTS_LAYER}'], "
-        f"obs['{LIBRARY_KEY}'], obsm['{SPATIAL_KEY}'], uns['{SPATIAL_KEY}']['{library_id}']"
+        f"read {adata.n_obs} spots x {adata.n_vars} genes: added X, "
+        f"layers['{COUNTS_LAYER_KEY}'], obs['{LIBRARY_ID_KEY}'], obsm['{SPATIAL_KEY}'], "
+        f"uns['{SPATIAL_KEY}']['{library_id}']"
     )
     return adata
 
@@ -210,8 +217,8 @@ def _coordinates(adata: AnnData, path: Path) -> np.ndarray:
 
 
 def _counts(adata: AnnData, path: Path) -> sparse.csr_matrix:
-    key = f"layers[{COUNTS_LAYER!r}]" if COUNTS_LAYER in adata.layers else "X"
-    matrix = adata.layers.get(COUNTS_LAYER, adata.X)
+    key = f"layers[{COUNTS_LAYER_KEY!r}]" if COUNTS_LAYER_KEY in adata.layers else "X"
+    matrix = adata.layers.get(COUNTS_LAYER_KEY, adata.X)
     if matrix is None:
         raise ValueError(f"{path} has no expression matrix (X is empty).")
     matrix = sparse.csr_matrix(matrix, dtype=np.float32)
@@ -244,14 +251,14 @@ def _spot_diameter(
     adata: AnnData, meta: dict[str, Any], mpp: float | None, path: Path, meta_path: Path | None
 ) -> float:
     for entry in (adata.uns.get(SPATIAL_KEY) or {}).values():
-        value = ((entry or {}).get("scalefactors") or {}).get(SCALEFACTOR_SPOT_DIAMETER)
+        value = ((entry or {}).get(SCALEFACTORS_KEY) or {}).get(SCALEFACTOR_SPOT_DIAMETER)
         if value is not None and np.isfinite(value) and float(value) > 0:
             return float(value)
     microns = meta.get("spot_diameter")
     if isinstance(microns, int | float) and microns > 0 and mpp:
         return float(microns) / mpp
     raise KeyError(
-        f"No spot diameter for {path}: its uns['spatial'][...]['scalefactors'] has no "
+        f"No spot diameter for {path}: its uns[{SPATIAL_KEY!r}][...][{SCALEFACTORS_KEY!r}] has no "
         f"{SCALEFACTOR_SPOT_DIAMETER!r}, and "
         + (
             f"metadata {meta_path} lacks 'spot_diameter' (um) or a pixel size."
@@ -289,34 +296,28 @@ def _check_wsi(
 
 
 def _check_patches(path: Path, obs_names: pd.Index, h5ad: Path) -> None:
-    import h5py
-
     try:
-        handle = h5py.File(path, "r")
+        patches = PatchFile(path)
     except OSError as err:
         raise ValueError(f"Could not read patch file {path}: {err}") from err
-    with handle:
-        image_key = next((k for k in _PATCH_IMAGE_KEYS if k in handle), None)
-        barcode_key = next((k for k in _PATCH_BARCODE_KEYS if k in handle), None)
-        if image_key is None or barcode_key is None or "coords" not in handle:
+    with patches:
+        if patches.image_key is None or patches.barcode_key is None or patches.n_coords is None:
             raise ValueError(
-                f"Patch file {path} must hold datasets 'img', 'coords' and 'barcode'; found "
-                f"{list(handle.keys())}."
+                f"Patch file {path} must hold datasets 'img', {PATCH_COORDS_KEY!r} and "
+                f"'barcode'; found {patches.datasets}."
             )
-        n_images = handle[image_key].shape[0]
-        if handle[image_key].ndim != 4 or handle[image_key].shape[-1] not in (3, 4):
+        shape = patches.image_shape
+        if len(shape) != 4 or shape[-1] not in (3, 4):
             raise ValueError(
-                f"Patch file {path}: {image_key!r} must be (N, H, W, 3); got "
-                f"{handle[image_key].shape}."
+                f"Patch file {path}: {patches.image_key!r} must be (N, H, W, 3); got {shape}."
             )
-        barcodes = np.asarray(handle[barcode_key][()]).reshape(-1)
-        n_coords = handle["coords"].shape[0]
+        barcodes = pd.Index(patches.barcodes())
+        n_images, n_coords = shape[0], patches.n_coords
     if not n_images == n_coords == len(barcodes):
         raise ValueError(
             f"Patch file {path}: {n_images} images, {n_coords} coords and {len(barcodes)} "
             "barcodes; they must be as many."
         )
-    barcodes = pd.Index([b.decode() if isinstance(b, bytes) else str(b) for b in barcodes])
     shared = barcodes.intersection(obs_names)
     if len(shared) == 0:
         raise ValueError(
@@ -332,30 +333,14 @@ def _check_patches(path: Path, obs_names: pd.Index, h5ad: Path) -> None:
         )
 
 
-def _embedded_images(
-    adata: AnnData, lowres_max_side: int
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def _embedded_images(adata: AnnData, lowres_max_side: int) -> dict[str, tuple[np.ndarray, float]]:
     """The h5ad's own sharpest downscaled image as ``hires``, and a ``lowres`` made from it."""
     best: tuple[np.ndarray, float] | None = None
     for entry in (adata.uns.get(SPATIAL_KEY) or {}).values():
-        images = (entry or {}).get("images") or {}
-        scalefactors = (entry or {}).get("scalefactors") or {}
-        for key, image in images.items():
-            scale = scalefactors.get(f"tissue_{key}_scalef")
-            if scale is None or not float(scale) > 0:
-                continue
-            if best is None or float(scale) > best[1]:
-                best = (as_rgb_uint8(np.asarray(image)), float(scale))
+        for key, scale in image_scales(entry or {}).items():
+            if best is None or scale > best[1]:
+                best = (as_rgb_uint8(np.asarray(entry[IMAGES_KEY][key])), scale)
     if best is None:
-        return {}, {}
+        return {}
     hires, hires_scale = best
-    height, width = hires.shape[:2]
-    factor = min(1.0, lowres_max_side / max(height, width))
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    lowres = np.asarray(Image.fromarray(hires).resize(size, Image.Resampling.BILINEAR))
-    images = {"hires": hires, "lowres": lowres}
-    scalefactors = {
-        "tissue_hires_scalef": hires_scale,
-        "tissue_lowres_scalef": hires_scale * size[0] / width,
-    }
-    return images, scalefactors
+    return thumbnails(hires, hires_scale, lowres_max_side, resample=Image.Resampling.BILINEAR)

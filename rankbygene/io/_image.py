@@ -30,8 +30,10 @@ __all__ = [
     "OpenSlideImage",
     "PILImage",
     "TiffImage",
+    "as_rgb_uint8",
     "is_lazy_array",
     "open_image",
+    "resize",
 ]
 
 BACKGROUND = 255  # white glass: what lies outside a slide's pixels
@@ -120,7 +122,11 @@ def _pil_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _resize(region: np.ndarray, out_size: int | tuple[int, int] | None) -> np.ndarray:
+def resize(region: np.ndarray, out_size: int | tuple[int, int] | None) -> np.ndarray:
+    """``region`` resized bilinearly to ``out_size`` (``int`` or ``(width, height)``).
+
+    Returned as it is when ``out_size`` is ``None`` or its own size.
+    """
     if out_size is None:
         return region
     width, height = (out_size, out_size) if isinstance(out_size, int) else out_size
@@ -203,7 +209,7 @@ class ImageReader(ABC):
             # a reader may return fewer pixels at a level's edge; the rest stays white
             ph, pw = pixels.shape[:2]
             canvas[cy0 - ly0 : cy0 - ly0 + ph, cx0 - lx0 : cx0 - lx0 + pw] = pixels
-        return _resize(canvas, out_size)
+        return resize(canvas, out_size)
 
     def thumbnail(self, max_side: int = 2000) -> tuple[np.ndarray, float]:
         """A downscaled copy of the whole image and its scale (thumbnail pixels per level-0 pixel).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +10,28 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from anndata.utils import make_index_unique
-from PIL import Image
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import METADATA_SOURCE_IMAGE, SCALEFACTOR_SPOT_DIAMETER, SPATIAL_KEY
+from rankbygene._constants import (
+    ARRAY_COL_KEY,
+    ARRAY_ROW_KEY,
+    COUNTS_LAYER_KEY,
+    IN_TISSUE_KEY,
+    LIBRARY_ID_KEY,
+    METADATA_COUNTS_PATH,
+    METADATA_MPP,
+    METADATA_SOURCE_IMAGE,
+    METADATA_SPOTS_PATH,
+    METADATA_TECHNOLOGY,
+    SPATIAL_KEY,
+)
+
+# the entry builder only: rankbygene._layout's readers of images import rankbygene.io
+from rankbygene._layout._entry import read_thumbnails, spatial_entry
 from rankbygene._logging import logger
 from rankbygene.io._errors import reading_file
-from rankbygene.io._image import ImageReader, open_image
+from rankbygene.io._image import open_image
 
 __all__ = ["read_st"]
 
@@ -27,8 +40,6 @@ ST_SPOT_DIAMETER_UM = 100.0
 ST_SPOT_PITCH_UM = 200.0
 
 _SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
-COUNTS_LAYER = "counts"
-LIBRARY_KEY = "library_id"
 
 
 def read_st(
@@ -108,11 +119,11 @@ def read_st(
     >>> sq.pl.spatial_scatter(adata, color="ERBB2")  # doctest: +SKIP
     """
     counts_path, spots_path, image_path = (
-        _existing_file(counts, "Count table"),
-        _existing_file(spots, "Spot file"),
-        _existing_file(image, "Image file"),
+        existing_file(counts, "Count table"),
+        existing_file(spots, "Spot file"),
+        existing_file(image, "Image file"),
     )
-    _check_sides(hires_max_side=hires_max_side, lowres_max_side=lowres_max_side)
+    check_sides(hires_max_side=hires_max_side, lowres_max_side=lowres_max_side)
     if spot_diameter is not None and not (np.isfinite(spot_diameter) and spot_diameter > 0):
         raise ValueError(f"spot_diameter must be a positive number of pixels; got {spot_diameter}.")
     if library_id is None:
@@ -130,18 +141,17 @@ def read_st(
         spot_diameter = infer_spot_diameter(coords, pitch_to_diameter=0.5)
         logger.info(f"inferred spot diameter {spot_diameter:.1f} px from the spot spacing")
     try:
-        images, scalefactors = _thumbnails(reader, hires_max_side, lowres_max_side)
+        images = read_thumbnails(reader, hires_max_side, lowres_max_side)
     finally:
         reader.close()
-    scalefactors[SCALEFACTOR_SPOT_DIAMETER] = float(spot_diameter)
 
     matrix = sparse.csr_matrix(count_table.to_numpy(dtype=np.float32))
     obs = pd.DataFrame(
         {
-            "array_row": spot_table["y"].to_numpy(dtype=np.int64),
-            "array_col": spot_table["x"].to_numpy(dtype=np.int64),
-            "in_tissue": np.ones(len(spot_table), dtype=np.int64),
-            LIBRARY_KEY: pd.Categorical([library_id] * len(spot_table)),
+            ARRAY_ROW_KEY: spot_table["y"].to_numpy(dtype=np.int64),
+            ARRAY_COL_KEY: spot_table["x"].to_numpy(dtype=np.int64),
+            IN_TISSUE_KEY: np.ones(len(spot_table), dtype=np.int64),
+            LIBRARY_ID_KEY: pd.Categorical([library_id] * len(spot_table)),
         },
         index=pd.Index(count_table.index.astype(str), name=None),
     )
@@ -150,19 +160,20 @@ def read_st(
         genes = make_index_unique(genes)  # as var_names_make_unique: "G", "G-1", ...
         logger.info("made var_names unique")
     adata = AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
-    adata.layers[COUNTS_LAYER] = matrix.copy()
+    adata.layers[COUNTS_LAYER_KEY] = matrix.copy()
     adata.obsm[SPATIAL_KEY] = coords
     metadata = {
         METADATA_SOURCE_IMAGE: str(image_path.resolve()),
-        "technology": "Spatial Transcriptomics",
-        "counts_path": str(counts_path.resolve()),
-        "spots_path": str(spots_path.resolve()),
-        "mpp": ST_SPOT_DIAMETER_UM / float(spot_diameter),
+        METADATA_TECHNOLOGY: "Spatial Transcriptomics",
+        METADATA_COUNTS_PATH: str(counts_path.resolve()),
+        METADATA_SPOTS_PATH: str(spots_path.resolve()),
+        METADATA_MPP: ST_SPOT_DIAMETER_UM / float(spot_diameter),
     }
-    adata.uns[SPATIAL_KEY] = {library_id: _spatial_entry(images, scalefactors, metadata)}
+    adata.uns[SPATIAL_KEY] = {library_id: spatial_entry(images, spot_diameter, metadata)}
     logger.info(
-        f"read {adata.n_obs} spots x {adata.n_vars} genes: added X, layers['{COUNTS_LAYER}'], "
-        f"obs['{LIBRARY_KEY}'], obsm['{SPATIAL_KEY}'], uns['{SPATIAL_KEY}']['{library_id}']"
+        f"read {adata.n_obs} spots x {adata.n_vars} genes: added X, "
+        f"layers['{COUNTS_LAYER_KEY}'], obs['{LIBRARY_ID_KEY}'], obsm['{SPATIAL_KEY}'], "
+        f"uns['{SPATIAL_KEY}']['{library_id}']"
     )
     return adata
 
@@ -198,7 +209,7 @@ def infer_spot_diameter(coords: np.ndarray, pitch_to_diameter: float = 0.5) -> f
     return float(np.median(nearest) * pitch_to_diameter)
 
 
-def _existing_file(path: str | Path, what: str) -> Path:
+def existing_file(path: str | Path, what: str) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -213,7 +224,7 @@ def _stem(path: Path) -> str:
     return name
 
 
-def _check_sides(**sides: Any) -> None:
+def check_sides(**sides: Any) -> None:
     for name, value in sides.items():
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}.")
@@ -406,26 +417,3 @@ def _check_inside(
             UserWarning,
             stacklevel=3,
         )
-
-
-def _thumbnails(
-    reader: ImageReader, hires_max_side: int, lowres_max_side: int
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """``hires`` and ``lowres`` thumbnails and their scale factors, decoding the image once."""
-    hires, hires_scale = reader.thumbnail(hires_max_side)
-    height, width = reader.shape
-    lowres_scale = min(1.0, lowres_max_side / max(height, width))
-    if lowres_scale <= hires_scale:
-        size = (max(1, round(width * lowres_scale)), max(1, round(height * lowres_scale)))
-        lowres = np.asarray(Image.fromarray(hires).resize(size, Image.Resampling.BILINEAR))
-    else:
-        lowres, lowres_scale = reader.thumbnail(lowres_max_side)
-    images = {"hires": np.ascontiguousarray(hires), "lowres": np.ascontiguousarray(lowres)}
-    scalefactors = {"tissue_hires_scalef": float(hires_scale), "tissue_lowres_scalef": lowres_scale}
-    return images, scalefactors
-
-
-def _spatial_entry(
-    images: Mapping[str, np.ndarray], scalefactors: Mapping[str, float], metadata: Mapping[str, Any]
-) -> dict[str, Any]:
-    return {"images": dict(images), "scalefactors": dict(scalefactors), "metadata": dict(metadata)}

@@ -290,12 +290,10 @@ def image_loader(
             raise ValueError(f"adata.obsm[{model.features_key!r}] has NaN or infinite values.")
         dataset = SpotViews(idx, features=features)
     else:
+        # the extractor warns about whole-slide tiles that it would upsample
         patches = make_patch_extractor(
             model, adata, library_key=library_key, out_of_bounds=out_of_bounds
         )
-        from rankbygene.pp._tile import check_tile_resolution
-
-        check_tile_resolution(adata, patches, model.input_size)  # whole-slide tiles upsampled?
         make = stain_transform if augmented else eval_transform
         dataset = SpotViews(
             idx, patches=patches, transforms=[make(model.image_mean, model.image_std)]

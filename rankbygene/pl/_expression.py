@@ -10,7 +10,14 @@ import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
 
-from rankbygene._constants import PREDICTED_LAYER_KEY
+from rankbygene._constants import (
+    COUNTS_LAYER_KEY,
+    LIBRARY_ID_KEY,
+    LOWRES_IMAGE_KEY,
+    PREDICTED_LAYER_KEY,
+    SPATIAL_KEY,
+)
+from rankbygene._layout import spot_libraries
 from rankbygene._logging import quiet_third_party_imports
 from rankbygene._metrics import log_normalize, pearson_per_gene
 from rankbygene.pl._utils import new_axes, show_or_save
@@ -20,10 +27,10 @@ def expression_maps(
     adata: AnnData,
     genes: str | Sequence[str],
     layer_pred: str = PREDICTED_LAYER_KEY,
-    layer_true: str | None = "counts",
+    layer_true: str | None = COUNTS_LAYER_KEY,
     library_id: str | None = None,
     library_key: str | None = None,
-    img_res_key: str = "lowres",
+    img_res_key: str = LOWRES_IMAGE_KEY,
     cmap: str = "magma",
     panel_size: tuple[float, float] = (4.2, 3.8),
     show: bool | None = None,
@@ -97,8 +104,8 @@ def expression_maps(
         X=np.zeros((one.n_obs, len(genes)), dtype=np.float32),
         obs=pd.DataFrame(index=one.obs_names),
         var=pd.DataFrame(index=pd.Index(genes)),
-        obsm={"spatial": np.asarray(one.obsm["spatial"])},
-        uns={"spatial": {library_id: one.uns["spatial"][library_id]}},
+        obsm={SPATIAL_KEY: np.asarray(one.obsm[SPATIAL_KEY])},
+        uns={SPATIAL_KEY: {library_id: one.uns[SPATIAL_KEY][library_id]}},
         layers=layers,
     )
     kinds = [k for k in ("observed", "predicted") if k in layers]
@@ -256,28 +263,25 @@ def _method_bars(table: pd.DataFrame, metric: str, ax: Axes) -> None:
 def _one_library(
     adata: AnnData, library_id: str | None, library_key: str | None
 ) -> tuple[AnnData, str]:
-    spatial = adata.uns.get("spatial", {})
+    spatial = adata.uns.get(SPATIAL_KEY, {})
     if not spatial:
-        raise KeyError("adata.uns['spatial'] is missing: no image to draw on.")
-    if library_key is None and len(spatial) > 1 and "library_id" in adata.obs:
-        library_key = "library_id"  # squidpy's usual column
+        raise KeyError(f"adata.uns[{SPATIAL_KEY!r}] is missing: no image to draw on.")
+    if library_key is None and len(spatial) > 1 and LIBRARY_ID_KEY in adata.obs:
+        library_key = LIBRARY_ID_KEY  # squidpy's usual column
+    libraries = None if library_key is None else spot_libraries(adata, library_key)
     if library_id is None:
-        library_id = (
-            str(pd.unique(adata.obs[library_key].astype(str))[0])
-            if library_key is not None
-            else next(iter(spatial))
-        )
+        library_id = str(libraries[0]) if libraries is not None else next(iter(spatial))
     if library_id not in spatial:
-        raise KeyError(f"Library {library_id!r} not in adata.uns['spatial'] ({list(spatial)}).")
-    if library_key is None:
+        raise KeyError(
+            f"Library {library_id!r} not in adata.uns[{SPATIAL_KEY!r}] ({list(spatial)})."
+        )
+    if libraries is None:
         if len(spatial) > 1:
             raise ValueError(
                 f"adata has {len(spatial)} libraries: pass library_key (and library_id)."
             )
         return adata, library_id
-    if library_key not in adata.obs:
-        raise KeyError(f"library_key {library_key!r} is not a column of adata.obs.")
-    return adata[adata.obs[library_key].astype(str) == library_id], library_id
+    return adata[libraries == library_id], library_id
 
 
 def _observed(adata: AnnData, layer_true: str | None) -> np.ndarray | None:

@@ -10,7 +10,8 @@ import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
 
-from rankbygene._constants import IMAGE_EMBEDDING_KEY
+from rankbygene._constants import IMAGE_EMBEDDING_KEY, RANK_CONSISTENCY_KEY
+from rankbygene._layout import spot_libraries
 from rankbygene.pl._utils import new_axes, show_or_save
 from rankbygene.tl._rank_consistency import (
     candidate_similarities,
@@ -89,7 +90,7 @@ def rank_consistency(
         n_neighbors=n_neighbors,
         library_key=library_key,
     )
-    scores = light.obs["rank_consistency"]
+    scores = light.obs[RANK_CONSISTENCY_KEY]
     if anchors is None:
         ranked = scores.dropna().sort_values()
         if ranked.empty:
@@ -102,9 +103,7 @@ def rank_consistency(
     fig, axes = new_axes(len(anchors) + 1, ncols, (3.3, 3.0))
     image = unit_rows(np.asarray(light.obsm[use_rep], dtype=np.float64))
     gene = unit_rows(gene)
-    libraries = (
-        adata.obs[library_key].astype(str).to_numpy() if library_key else np.zeros(adata.n_obs)
-    )
+    libraries = spot_libraries(adata, library_key or None, default="all")
     for ax, name in zip(axes, anchors, strict=False):
         i = adata.obs_names.get_loc(name)
         rows = np.flatnonzero(libraries == libraries[i])

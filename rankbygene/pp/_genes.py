@@ -12,16 +12,16 @@ import scanpy as sc
 from anndata import AnnData
 from scipy import sparse
 
+from rankbygene._constants import PANEL_KEY
 from rankbygene._logging import logger
-from rankbygene.pp._normalize import check_counts as _check_counts
-from rankbygene.pp._normalize import get_matrix as _get_matrix
-from rankbygene.pp._normalize import light_adata as _light_adata
-from rankbygene.pp._normalize import matrix_name as _where
+from rankbygene.pp._normalize import (
+    check_counts,
+    get_matrix,
+    light_adata,
+    matrix_name,
+)
 
 __all__ = ["PANEL_KEY", "select_genes"]
-
-#: Column of ``adata.var`` marking the panel when ``subset=False``.
-PANEL_KEY = "rankbygene_panel"
 
 #: Fewest genes that vary across spots for seurat_v3's loess fit of variance on mean (span 0.3,
 #: degree 2): scikit-misc crashes the interpreter (segfault) on 3 points or fewer and fails with
@@ -95,7 +95,7 @@ def _highly_variable(adata: AnnData, x, n_top: int) -> np.ndarray | None:
             n_varying,
         )
         return None
-    light = _light_adata(adata, x)
+    light = light_adata(adata, x)
     try:
         df = sc.pp.highly_variable_genes(
             light, flavor="seurat_v3", n_top_genes=n_top, inplace=False
@@ -199,8 +199,8 @@ def select_genes(
             raise ValueError(f"flavor must be 'heg' or 'hvg', got {flavor!r}")
         if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 1:
             raise ValueError(f"n_top must be an integer >= 1, got {n_top!r}")
-    x = _get_matrix(adata, layer)
-    _check_counts(adata, x, layer)
+    x = get_matrix(adata, layer)
+    check_counts(adata, x, layer)
 
     if genes is not None:
         wanted, source = _read_gene_list(genes)
@@ -236,7 +236,7 @@ def select_genes(
         else:  # "heg", or "hvg" on data too small for seurat_v3 (warned)
             idx = np.sort(_highly_expressed(adata, x, n))
             how = f"{len(idx)} highly expressed genes (mean normalised expression)"
-        how += f" from {_where(layer)}"
+        how += f" from {matrix_name(layer)}"
 
     if subset:
         if copy:

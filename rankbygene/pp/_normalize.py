@@ -8,7 +8,7 @@ import scanpy as sc
 from anndata import AnnData
 from scipy import sparse
 
-from rankbygene._constants import LOG_NORMALIZED_MAX
+from rankbygene._constants import LOG_NORMALIZED_MAX, LOGNORM_LAYER_KEY
 from rankbygene._logging import logger
 
 __all__ = ["normalize"]
@@ -134,6 +134,11 @@ def light_adata(adata: AnnData, x) -> AnnData:
 def _lognormalize(adata: AnnData, x, target_sum: float | None):
     """``log1p(x / total * target_sum)`` through scanpy, on a float32 copy of ``x``."""
     x = x.astype(np.float32, copy=True) if sparse.issparse(x) else np.array(x, dtype=np.float32)
+    if target_sum is None:
+        # The median of the spots with counts, computed here: scanpy's median of CSR input
+        # counts the empty spots too (another scale than dense input; all zeros past half).
+        totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+        target_sum = float(np.median(totals[totals > 0]))
     light = light_adata(adata, x)
     sc.pp.normalize_total(light, target_sum=target_sum)
     sc.pp.log1p(light)

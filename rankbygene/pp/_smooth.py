@@ -11,7 +11,8 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import SPATIAL_KEY
+from rankbygene._constants import SMOOTHED_LAYER_SUFFIX, SPATIAL_KEY
+from rankbygene._layout import spot_libraries
 from rankbygene._logging import logger, quiet_third_party_imports
 from rankbygene.pp._normalize import get_matrix, matrix_name, stored_values
 
@@ -202,14 +203,7 @@ def smooth_expression(
         raise ValueError(f"adata.obsm[{spatial_key!r}] contains NaN or infinite coordinates")
     library = None
     if library_key is not None:
-        if library_key not in adata.obs:
-            raise KeyError(
-                f"library_key {library_key!r} not found in adata.obs "
-                f"(columns: {list(adata.obs.columns)})"
-            )
-        library = pd.Categorical(adata.obs[library_key])
-        if (library.codes < 0).any():
-            raise ValueError(f"adata.obs[{library_key!r}] contains missing values")
+        library = pd.Categorical(spot_libraries(adata, library_key))
     x = get_matrix(adata, layer)
     values = stored_values(x)
     if not np.issubdtype(values.dtype, np.number):
@@ -217,7 +211,7 @@ def smooth_expression(
     if not np.isfinite(values).all():
         raise ValueError(f"{matrix_name(layer)} contains NaN or infinite values")
     if key_added is None:
-        key_added = f"{layer or 'X'}_smoothed"
+        key_added = f"{layer or 'X'}{SMOOTHED_LAYER_SUFFIX}"
     codes = library.codes if library is not None else np.zeros(adata.n_obs, dtype=np.int64)
     if n_neighs is None:
         n_neighs = _infer_n_neighs(coords, codes)

@@ -11,25 +11,32 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from PIL import Image
 
-from rankbygene._constants import METADATA_SOURCE_IMAGE, SCALEFACTOR_SPOT_DIAMETER, SPATIAL_KEY
+from rankbygene._constants import (
+    ARRAY_COL_KEY,
+    ARRAY_ROW_KEY,
+    LIBRARY_ID_KEY,
+    METADATA_MPP,
+    METADATA_SATURATION_THRESHOLD,
+    METADATA_SOURCE,
+    METADATA_SOURCE_IMAGE,
+    METADATA_STRIDE_PX,
+    METADATA_TILE_SIZE_PX,
+    METADATA_TILE_SIZE_UM,
+    METADATA_TISSUE_THRESHOLD,
+    SPATIAL_KEY,
+    TISSUE_FRACTION_KEY,
+)
+from rankbygene._layout import scaled_size, shrink, spatial_entry, thumbnails
 from rankbygene._logging import logger
-from rankbygene.io._image import ImageReader, PILImage, open_image
+from rankbygene.io._image import ImageReader, PILImage, open_image, resize
 
-if TYPE_CHECKING:
-    from rankbygene.data import PatchExtractor
-
-__all__ = ["check_tile_resolution", "tile_slide", "tissue_mask"]
-
-#: ``uns["spatial"][library]["metadata"]`` keys written by :func:`tile_slide`.
-METADATA_TILE_SIZE_UM = "tile_size_um"
-METADATA_MPP = "mpp"
+__all__ = ["tile_slide", "tissue_mask"]
 
 _MASK_MIN_TILE_PX = 8  # mask pixels along a tile side, at least (when the mask size allows)
 _MASK_MAX_SIDE = 8192  # longest side of the tissue mask
@@ -218,7 +225,7 @@ def _tile(
     hires_scale = min(1.0, thumbnail_size / max(height, width))
     # one read for both: the sharper of the mask and the hires image, the other shrunk from it
     thumb = read_thumbnail(reader, max(mask_scale, hires_scale))
-    mask_image = _shrink_to(thumb, _scaled_size((height, width), mask_scale))
+    mask_image = shrink(thumb, scaled_size((height, width), mask_scale))
     mask, threshold = tissue_mask(mask_image, min_saturation=min_saturation)
     if not mask.any():
         raise ValueError(
@@ -237,42 +244,30 @@ def _tile(
     rows, cols, x0, y0, fraction = rows[keep], cols[keep], x0[keep], y0[keep], fraction[keep]
     centres = np.column_stack([x0 + side / 2, y0 + side / 2]).astype(np.float64)
 
-    hires = _shrink_to(thumb, _scaled_size((height, width), hires_scale))
-    lowres_scale = min(1.0, _LOWRES_MAX_SIDE / max(height, width))
-    lowres = _shrink_to(hires, _scaled_size((height, width), lowres_scale))
+    hires = shrink(thumb, scaled_size((height, width), hires_scale))
     # the scale factors squidpy uses: image pixels per full-resolution pixel, along x
-    hires_scale = hires.shape[1] / width
-    lowres_scale = lowres.shape[1] / width
+    images = thumbnails(hires, hires.shape[1] / width, _LOWRES_MAX_SIDE, shape=(height, width))
     obs = pd.DataFrame(
         {
-            "library_id": pd.Categorical([library_id] * len(rows)),
-            "array_row": rows.astype(np.int64),
-            "array_col": cols.astype(np.int64),
-            "tissue_fraction": fraction.astype(np.float32),
+            LIBRARY_ID_KEY: pd.Categorical([library_id] * len(rows)),
+            ARRAY_ROW_KEY: rows.astype(np.int64),
+            ARRAY_COL_KEY: cols.astype(np.int64),
+            TISSUE_FRACTION_KEY: fraction.astype(np.float32),
         },
         index=pd.Index([f"{library_id}_{r}x{c}" for r, c in zip(rows, cols, strict=True)]),
     )
     adata = AnnData(obs=obs, obsm={SPATIAL_KEY: centres})
-    adata.uns[SPATIAL_KEY] = {
-        library_id: {
-            "images": {"hires": hires, "lowres": lowres},
-            "scalefactors": {
-                "tissue_hires_scalef": hires_scale,
-                "tissue_lowres_scalef": lowres_scale,
-                SCALEFACTOR_SPOT_DIAMETER: float(side),
-            },
-            "metadata": {
-                METADATA_SOURCE_IMAGE: str(path.resolve()),
-                METADATA_MPP: mpp,
-                METADATA_TILE_SIZE_UM: float(tile_size_um),
-                "tile_size_px": int(side),
-                "stride_px": int(stride),
-                "tissue_threshold": float(tissue_threshold),
-                "saturation_threshold": float(threshold),
-                "source": "rankbygene.pp.tile_slide",
-            },
-        }
+    metadata = {
+        METADATA_SOURCE_IMAGE: str(path.resolve()),
+        METADATA_MPP: mpp,
+        METADATA_TILE_SIZE_UM: float(tile_size_um),
+        METADATA_TILE_SIZE_PX: int(side),
+        METADATA_STRIDE_PX: int(stride),
+        METADATA_TISSUE_THRESHOLD: float(tissue_threshold),
+        METADATA_SATURATION_THRESHOLD: float(threshold),
+        METADATA_SOURCE: "rankbygene.pp.tile_slide",
     }
+    adata.uns[SPATIAL_KEY] = {library_id: spatial_entry(images, side, metadata)}
     logger.info(
         f"tiled {path}: {adata.n_obs} tiles of {side} px ({tile_size_um} um at {mpp:g} um/px) "
         f"with at least {tissue_threshold:.0%} tissue; {mask.mean():.1%} of the slide is tissue"
@@ -292,7 +287,7 @@ def read_thumbnail(reader: ImageReader, scale: float) -> np.ndarray:
     out_h = max(1, int(round(height * scale)))
     if isinstance(reader, PILImage):
         thumb, _ = reader.thumbnail(max(out_w, out_h))
-        return _resize_to(thumb, (out_w, out_h))
+        return resize(thumb, (out_w, out_h))
     level = reader.best_level(width / out_w)
     down = reader.level_downsamples[level]
     level_width = width / down
@@ -361,61 +356,6 @@ def tissue_mask(
     return mask, threshold
 
 
-def check_tile_resolution(
-    adata: AnnData, patches: PatchExtractor, input_size: int, action: str = "warn"
-) -> list[str]:
-    """Libraries of whole-slide tiles whose tiles span fewer pixels than the encoder's input.
-
-    Such tiles are upsampled to ``input_size`` (blurry, and not the scale the encoder learnt).
-    Only libraries written by :func:`tile_slide` (``metadata["tile_size_um"]``) are checked: for
-    spots, the spot diameter is fixed by the assay and upsampling is the norm.
-
-    Parameters
-    ----------
-    adata
-        The AnnData the patches come from.
-    patches
-        Its patch extractor (geometry of each library).
-    input_size
-        The encoder's input side in pixels.
-    action
-        ``"warn"`` (a :class:`UserWarning`) or ``"raise"`` (:class:`ValueError`).
-
-    Returns
-    -------
-    The library ids at fault.
-
-    Examples
-    --------
-    >>> check_tile_resolution(tiles, patches, input_size=224)  # doctest: +SKIP
-    []
-    """
-    spatial = adata.uns.get(SPATIAL_KEY, {})
-    libraries, faults = [], []
-    for lib, source in patches.sources.items():
-        metadata = (spatial.get(lib) or {}).get("metadata") or {}
-        if METADATA_TILE_SIZE_UM not in metadata or source.kind == "patches":
-            continue
-        pixels = source.spot_diameter_fullres * patches.patch_scale * source.scale
-        if pixels < input_size:
-            libraries.append(lib)
-            faults.append(
-                f"{lib!r} ({metadata.get(METADATA_SOURCE_IMAGE, 'in memory')}): tiles of "
-                f"{metadata[METADATA_TILE_SIZE_UM]} um span {pixels:.0f} px"
-            )
-    if faults:
-        message = (
-            f"Tiles smaller than the encoder's input of {input_size} px are upsampled (blurry): "
-            + "; ".join(faults)
-            + ". Tile with a larger tile_size_um, or use a model with a smaller input_size."
-        )
-        if action == "raise":
-            raise ValueError(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
-        logger.warning(message)
-    return libraries
-
-
 # ---------------------------------------------------------------------------------- helpers
 
 
@@ -453,11 +393,6 @@ def _mask_scale(reader: ImageReader, side: int, level: int | None, mask_mpp: flo
     return min(1.0, scale, _MASK_MAX_SIDE / max(height, width))
 
 
-def _scaled_size(shape: tuple[int, int], scale: float) -> tuple[int, int]:
-    """``(width, height)`` of an image of ``shape`` (height, width) scaled by ``scale``."""
-    return max(1, int(round(shape[1] * scale))), max(1, int(round(shape[0] * scale)))
-
-
 def _grid(
     height: int, width: int, side: int, stride: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -487,16 +422,3 @@ def _tile_fractions(
     r0, r1 = bounds(y0, sy, mh)
     inside = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
     return inside / ((r1 - r0) * (c1 - c0))
-
-
-def _resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if (image.shape[1], image.shape[0]) == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-
-
-def _shrink_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``image`` area-averaged down to ``size`` (width, height); returned as is if it fits."""
-    if image.shape[1] <= size[0] and image.shape[0] <= size[1]:
-        return np.ascontiguousarray(image)
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))

@@ -10,6 +10,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from rankbygene._constants import PREDICTED_LAYER_KEY
+from rankbygene._layout import spot_libraries
 from rankbygene._logging import logger
 from rankbygene._metrics import log_normalize, pearson_per_gene, spearman_per_gene
 
@@ -86,13 +87,7 @@ def evaluate_expression(
             missing = [g for g, c in zip(genes, columns, strict=True) if c < 0]
             raise ValueError(f"{len(missing)} genes are not in adata.var_names: {missing[:5]}.")
     names = adata.var_names[columns].astype(str)
-    if library_key is not None and library_key not in adata.obs:
-        raise KeyError(f"library_key {library_key!r} is not a column of adata.obs.")
-    libraries = (
-        adata.obs[library_key].astype(str).to_numpy()
-        if library_key is not None
-        else np.full(adata.n_obs, "all")
-    )
+    libraries = spot_libraries(adata, library_key, default="all")
     predicted = _dense(adata.layers[layer_pred])
     observed = _dense(observed)
     if not np.isfinite(observed).all():

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 from anndata import AnnData
 
-from rankbygene._constants import SPATIAL_KEY
+from rankbygene._constants import PATCH_STATISTICS_KEY, SPATIAL_KEY
 from rankbygene._logging import logger
 
 __all__ = ["PATCH_STATISTICS", "patch_statistics"]
@@ -79,7 +79,7 @@ def patch_statistics(
     patch_size: int = 64,
     out_of_bounds: Literal["raise", "pad"] = "pad",
     batch_size: int = 256,
-    key_added: str = "X_patch_statistics",
+    key_added: str = PATCH_STATISTICS_KEY,
     copy: bool = False,
 ) -> AnnData | np.ndarray | None:
     """Colour and texture statistics of each spot's patch, a baseline image representation.

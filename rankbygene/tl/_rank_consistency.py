@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from rankbygene._constants import IMAGE_EMBEDDING_KEY
+from rankbygene._constants import IMAGE_EMBEDDING_KEY, RANK_CONSISTENCY_KEY
+from rankbygene._layout import spot_libraries
 from rankbygene._logging import logger
 from rankbygene._metrics import log_normalize, spearman_per_gene
 
@@ -20,7 +21,7 @@ def rank_consistency(
     layer: str | None = "counts",
     n_neighbors: int | None = 30,
     library_key: str | None = None,
-    key_added: str = "rank_consistency",
+    key_added: str = RANK_CONSISTENCY_KEY,
     copy: bool = False,
 ) -> AnnData | None:
     """Per-spot Spearman correlation between image-side and gene-side similarity orderings.
@@ -69,13 +70,7 @@ def rank_consistency(
     gene = gene_side_rows(adata, gene_rep, layer)
     if n_neighbors is not None and n_neighbors < 2:
         raise ValueError(f"n_neighbors must be at least 2 (or None); got {n_neighbors}.")
-    if library_key is not None and library_key not in adata.obs:
-        raise KeyError(f"library_key {library_key!r} is not a column of adata.obs.")
-    libraries = (
-        adata.obs[library_key].astype(str).to_numpy()
-        if library_key is not None
-        else np.zeros(adata.n_obs, dtype=int)
-    )
+    libraries = spot_libraries(adata, library_key, default="all")
     scores = np.full(adata.n_obs, np.nan)
     for library in pd.unique(libraries):
         rows = np.flatnonzero(libraries == library)

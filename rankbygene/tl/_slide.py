@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import traceback
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -30,7 +29,7 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
-from rankbygene._layout import spot_libraries
+from rankbygene._layout import ImageSource, spot_libraries
 from rankbygene._logging import logger
 
 if TYPE_CHECKING:
@@ -142,6 +141,7 @@ def embed_slides(
     """
     from tqdm.auto import tqdm
 
+    from rankbygene.data import PatchExtractor
     from rankbygene.pp._tile import open_slide, tile_slide
 
     if model.features_key is not None:
@@ -188,15 +188,16 @@ def embed_slides(
                 status[slide_id], n_tiles[slide_id] = "skipped", found.n_tiles
                 continue
         with open_slide(path, mpp=mpp, backend=tile_kwargs.get("backend", "auto")) as reader:
-            side = tile_size_um / reader.mpp * model.patch_scale
-            if side < model.input_size:
-                message = (
-                    f"Slide {path}: tiles of {tile_size_um} um span {side:.0f} px at "
-                    f"{reader.mpp:g} um/px, fewer than the encoder's input of {model.input_size} "
-                    "px: they are upsampled (blurry). Use a larger tile_size_um, or a model with "
-                    "a smaller input_size."
-                )
-                warnings.warn(message, UserWarning, stacklevel=2)
+            # the tiles tile_slide will make, checked now rather than when the slide is reached
+            geometry = ImageSource(
+                slide_id,
+                round(tile_size_um / reader.mpp),
+                path=Path(path).resolve(),
+                tile_size_um=tile_size_um,
+            )
+            PatchExtractor.check_resolution(
+                {slide_id: geometry}, model.patch_scale, model.input_size
+            )
         status[slide_id] = "pending"
     if mismatched:
         raise ValueError(

@@ -1,0 +1,50 @@
+"""The scanpy/squidpy spatial layout of an AnnData: the one place that reads and writes it.
+
+- :mod:`~rankbygene._layout._sources`: where each library's pixels are (:func:`image_sources`),
+  the spots' coordinates and each spot's library (:func:`spot_libraries`,
+  :func:`resolve_library_key`), for every reader of patches and every function taking a
+  ``library_key``;
+- :mod:`~rankbygene._layout._checks`: the checks before any work (:func:`validate_layout`);
+- :mod:`~rankbygene._layout._entry`: the builder of ``uns["spatial"]`` entries and their
+  thumbnails (:func:`spatial_entry`, :func:`thumbnails`), for the readers, ``tile_slide`` and
+  the synthetic data.
+
+The keys themselves are in :mod:`rankbygene._constants`. The readers of :mod:`rankbygene.io`
+import ``_entry`` only, which imports nothing of ``io``: ``io`` stays below this package.
+"""
+
+from rankbygene._layout._checks import validate_layout
+from rankbygene._layout._entry import (
+    image_scales,
+    read_thumbnails,
+    scaled_size,
+    scalefactor_image,
+    scalefactor_key,
+    shrink,
+    spatial_entry,
+    thumbnails,
+)
+from rankbygene._layout._sources import (
+    ImageSource,
+    image_sources,
+    resolve_library_key,
+    spatial_coordinates,
+    spot_libraries,
+)
+
+__all__ = [
+    "ImageSource",
+    "image_scales",
+    "image_sources",
+    "read_thumbnails",
+    "resolve_library_key",
+    "scaled_size",
+    "scalefactor_image",
+    "scalefactor_key",
+    "shrink",
+    "spatial_coordinates",
+    "spatial_entry",
+    "spot_libraries",
+    "thumbnails",
+    "validate_layout",
+]
