@@ -100,6 +100,11 @@ SWAPPED_OUTSIDE_FRACTION = 0.1
 #: a spot table divided by 10.
 COMMON_COORDINATE_FACTORS = (10.0,)
 
+# Square bins (Visium HD): Space Ranger's ``scalefactors`` keys of the bin side in microns and of
+# the full-resolution image's microns per pixel, kept in uns["spatial"][library]["scalefactors"].
+SCALEFACTOR_BIN_SIZE_UM = "bin_size_um"
+SCALEFACTOR_MPP = "microns_per_pixel"
+
 # Patch resolution (PatchExtractor.check_resolution).
 #: Patches of spots upsampled by more than this factor are logged as blurry; tiles of a whole
 #: slide, whose size is chosen, are warned about as soon as they are upsampled at all. A spot's

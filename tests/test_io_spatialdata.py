@@ -352,14 +352,15 @@ def test_errors_name_what_is_missing(adata, sdata):
     with pytest.raises(KeyError, match=r"1 table rows of region 'slide_0'.*first ids: \[100\]"):
         from_spatialdata(sdata)
 
-    square = Polygon([(0, 0), (1, 0), (1, 1), (0, 1)])
+    # squares are bins; other polygons are no spots
+    rectangle = Polygon([(0, 0), (2, 0), (2, 1), (0, 1)])
     import geopandas as gpd
 
     sdata.shapes["slide_0"] = ShapesModel.parse(
-        gpd.GeoDataFrame(geometry=[square] * 30, index=np.arange(30) + 100),
+        gpd.GeoDataFrame(geometry=[rectangle] * 30, index=np.arange(30) + 100),
         transformations={"slide_0": Identity()},
     )
-    with pytest.raises(ValueError, match=r"Shapes 'slide_0' are not circles.*to_circles"):
+    with pytest.raises(ValueError, match=r"Shapes 'slide_0' are polygons, 30 of them not squares"):
         from_spatialdata(sdata)
 
     with pytest.raises(KeyError, match=r"adata has no \['X_uni'\]"):

@@ -9,6 +9,7 @@ from rankbygene.datasets._her2st import (
     her2st_genes,
 )
 from rankbygene.datasets._synthetic import synthetic
+from rankbygene.datasets._visium_hd import synthetic_visium_hd
 
 __all__ = [
     "HER2ST_BASE_URL",
@@ -18,4 +19,5 @@ __all__ = [
     "her2st_genes",
     "synthetic",
     "synthetic_cohort",
+    "synthetic_visium_hd",
 ]

@@ -17,6 +17,7 @@ from rankbygene._logging import logger
 
 __all__ = [
     "CELL_TYPES",
+    "REFERENCE_SPOT_AREA",
     "REGION_TYPES",
     "SyntheticTissue",
     "ambient_expression",
@@ -259,7 +260,7 @@ def synthetic(
         library_id = f"slide_{s}"
         slide_rng = np.random.default_rng(rng.integers(2**63))
         rows, cols, xy, shape = _hex_grid(n_spots, spot_spacing)
-        image, labels, centres = render_tissue(
+        image, labels, centres, _ = render_tissue(
             slide_rng, shape, regions, xy, spot_diameter, spot_spacing
         )
         frac = _spot_fractions(labels, xy, spot_diameter, n_regions)
@@ -443,8 +444,11 @@ class SyntheticTissue(NamedTuple):
     image: np.ndarray
     #: ``(H, W)`` uint8 region index of each pixel, into the ``regions`` it was made with.
     labels: np.ndarray
-    #: Nucleus centres ``(n, 2)`` (x, y, in pixels) of each kind of :data:`CELL_TYPES`.
+    #: Nucleus centres ``(n, 2)`` (x, y, in pixels) of each kind of :data:`CELL_TYPES`, in tissue
+    #: and under the glass alike (there they are not drawn).
     nuclei: dict[str, np.ndarray]
+    #: ``(H, W)`` float32: 1 in the tissue, 0 on glass, a few pixels of ramp between.
+    tissue: np.ndarray
 
 
 def render_tissue(
@@ -480,7 +484,8 @@ def render_tissue(
 
     Returns
     -------
-    The image, the region label of each pixel and the nucleus centres of each cell type.
+    The image, the region label of each pixel, the nucleus centres of each cell type and the
+    tissue map.
 
     Examples
     --------
@@ -496,10 +501,10 @@ def render_tissue(
     coarse_labels = _region_labels(rng, shape, len(regions), length_scale, coarse)
     labels = np.repeat(np.repeat(coarse_labels, coarse, axis=0), coarse, axis=1)
     labels = labels[: shape[0], : shape[1]]
-    image, nuclei = _render(
+    image, nuclei, tissue = _render(
         rng, coarse_labels, labels, regions, xy, spot_diameter, length_scale, coarse
     )
-    return SyntheticTissue(image, labels, nuclei)
+    return SyntheticTissue(image, labels, nuclei, tissue)
 
 
 def _lattice_points(rng, shape, spacing):
@@ -609,7 +614,8 @@ def _adipose_membranes(rng, shape, cell_size, coarse=2):
 
 
 def _render(rng, coarse_labels, labels, regions, xy, spot_diameter, spacing, coarse):
-    """H&E-like RGB image (uint8) for a region label map, and the nucleus centres of each kind."""
+    """H&E-like RGB image (uint8) for a region label map, the nucleus centres of each kind and the
+    tissue map (1 in tissue, 0 on glass)."""
     height, width = shape = labels.shape
     small = coarse_labels.shape
     f32 = np.float32
@@ -750,7 +756,7 @@ def _render(rng, coarse_labels, labels, regions, xy, spot_diameter, spacing, coa
         # Uniform pixel noise (sd ~3), cheaper to draw than Gaussian noise.
         od += (rng.random(shape, dtype=f32) - 0.5) * f32(10.0)
         rgb[..., ch] = np.clip(od, 0, 255)
-    return rgb, centres
+    return rgb, centres, tissue
 
 
 def _downscale(image, max_side):
@@ -822,13 +828,21 @@ def gene_programs(
     return profiles, var
 
 
+#: Area (square pixels, about square microns) of the default 64-pixel spot of :func:`synthetic`:
+#: the area drivers' cell equivalents count per this area. Generators measuring other shapes give
+#: :func:`driver_amounts` region areas in units of it.
+REFERENCE_SPOT_AREA: float = math.pi * 32.0**2
+
+
 def driver_amounts(
     cell_counts: np.ndarray, fractions: np.ndarray, regions: Sequence[str]
 ) -> np.ndarray:
     """Amount of each driver under each spot: cell counts, or area fraction x cell equivalents.
 
     ``cell_counts`` has one column per :data:`CELL_TYPES` (cells, or cell equivalents, under each
-    spot), ``fractions`` one per region (area fraction of the spot, 1 = the area of a whole spot).
+    spot), ``fractions`` one per region: its share of the spot's area in :func:`synthetic`, where a
+    spot counts as one :data:`REFERENCE_SPOT_AREA`; for other shapes, the region's area under the
+    shape divided by :data:`REFERENCE_SPOT_AREA`.
 
     Examples
     --------

@@ -10,6 +10,7 @@ array to the patch reader, so that pixels are read only where patches are.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ from rankbygene._constants import (
     IMAGE_EMBEDDING_KEY,
     LIBRARY_ID_KEY,
     PREDICTED_LAYER_KEY,
+    SCALEFACTOR_BIN_SIZE_UM,
+    SCALEFACTOR_MPP,
     SCALEFACTOR_SPOT_DIAMETER,
     SPATIAL_KEY,
     UNS_KEY,
@@ -46,6 +49,10 @@ DEFAULT_KEYS = (
     "rank_consistency",
 )
 _ATTRS_KEY = "spatialdata_attrs"  # TableModel.ATTRS_KEY, without importing spatialdata
+# Space Ranger and spatialdata-io name Visium HD bins by their side: square_008um, ...
+_BIN_NAME = re.compile(r"square_(\d+)um")
+# A quadrilateral whose perimeter^2 / area is within this of 16 is a square (16 is its minimum).
+_SQUARE_TOLERANCE = 0.01
 
 
 def _import_spatialdata() -> Any:
@@ -65,13 +72,19 @@ def from_spatialdata(
     shapes_key: str | Sequence[str] | None = None,
     library_key: str = LIBRARY_ID_KEY,
     hires_size: int = 2000,
+    bin_size_um: float | Mapping[str, float] | None = None,
 ) -> AnnData:
     """Read a SpatialData table, its circles and their image into the package's AnnData layout.
 
     Each circles element that the table annotates becomes one library (named after the
     element): its spot centres are transformed into the pixels of its full-resolution image
     (through a coordinate system both share) and stored in ``obsm["spatial"]``, the circles'
-    diameter in the same pixels as ``spot_diameter_fullres``. The image element's dask array
+    diameter in the same pixels as ``spot_diameter_fullres``. Square polygons (Visium HD bins,
+    as spatialdata-io reads them) are read as well: their centroid is the spot centre and their
+    side the patch size. Where the bin size in microns is known (``bin_size_um``, or a
+    ``square_008um``-style element or table name), it is recorded with the image's resolution as
+    ``scalefactors["bin_size_um"]`` and ``["microns_per_pixel"]``, as Space Ranger writes them,
+    for :func:`rankbygene.pp.aggregate_bins`. The image element's dask array
     (level 0 of a multiscale image) goes to ``uns["spatial"][library]["images"]["fullres"]``
     with scale factor 1, so that patches are read from it region by region; a thumbnail
     (``"hires"``, from the coarsest pyramid level that suffices) is computed for plotting.
@@ -88,11 +101,15 @@ def from_spatialdata(
         ``None``: the sharpest image that shares a coordinate system with the circles (the
         one with the most pixels per circles unit).
     shapes_key
-        Circles element(s) to read, among those the table annotates; ``None``: all of them.
+        Circles or square-polygon element(s) to read, among those the table annotates;
+        ``None``: all of them.
     library_key
         ``obs`` column written with each spot's library (the circles element's name).
     hires_size
         Longest side of the ``"hires"`` thumbnail, in pixels.
+    bin_size_um
+        Side of the bins in microns (one for all elements, or per shapes element); ``None``:
+        read from an element or table name holding ``square_<n>um``, else not recorded.
 
     Returns
     -------
@@ -106,8 +123,8 @@ def from_spatialdata(
         The table, an element, or the table's region/instance key is missing, or a table row
         names a circle that the element lacks.
     ValueError
-        An element is not circles, an image has neither 1, 3 nor 4 channels, no coordinate
-        system links the circles and the image, or the image is ambiguous.
+        An element is neither circles nor squares, an image has neither 1, 3 nor 4 channels, no
+        coordinate system links the shapes and the image, or the image is ambiguous.
 
     Examples
     --------
@@ -116,6 +133,14 @@ def from_spatialdata(
     >>> sdata = sd.read_zarr("visium.zarr")  # doctest: +SKIP
     >>> adata = rbg.io.from_spatialdata(sdata, table_key="table")  # doctest: +SKIP
     >>> rbg.RankByGene.setup_anndata(adata, library_key="library_id")  # doctest: +SKIP
+
+    Visium HD, as spatialdata-io reads it (one table per bin size):
+
+    >>> import rankbygene as rbg
+    >>> sdata = rbg.datasets.synthetic_visium_hd(size_um=400, bin_sizes_um=(8, 16))
+    >>> bins = rbg.io.from_spatialdata(sdata, table_key="square_016um")
+    >>> bins.uns["spatial"]["synthetic_hd_square_016um"]["scalefactors"]["bin_size_um"]
+    16.0
     """
     _import_spatialdata()
     if int(hires_size) < 1:
@@ -130,18 +155,17 @@ def from_spatialdata(
     thumbnails: dict[str, tuple[np.ndarray, float]] = {}  # an image shared by several libraries
     for library in libraries:
         shapes = sdata.shapes[library]
-        _check_circles(shapes, library)
+        centres, sizes = _centres_and_sizes(shapes, library)
         image_name = _chosen_image(sdata, library, image_key)
         image = sdata.images[image_name]
         affine = _shapes_to_pixels(sdata, library, image_name)
         rows = np.flatnonzero(obs_region == library)
         positions = _instance_positions(shapes, table.obs[instance_key].to_numpy()[rows], library)
-        xy = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
-        xy = xy[positions]
-        coords[rows] = xy @ affine[:2, :2].T + affine[:2, 2]
+        coords[rows] = centres[positions] @ affine[:2, :2].T + affine[:2, 2]
         # a circle stays a circle only under similarity transforms; sqrt|det| keeps its area
         pixels_per_unit = float(np.sqrt(abs(np.linalg.det(affine[:2, :2]))))
-        diameter = _diameter(shapes["radius"].to_numpy()[positions] * 2 * pixels_per_unit, library)
+        diameter = _diameter(sizes[positions] * pixels_per_unit, library)
+        bin_size = _bin_size(bin_size_um, library, table_key)
         levels = _levels(image, image_name)
         if image_name not in thumbnails:
             thumbnails[image_name] = _thumbnail(levels, hires_size)
@@ -152,7 +176,8 @@ def from_spatialdata(
                 SCALEFACTOR_SPOT_DIAMETER: diameter,
                 "tissue_hires_scalef": scale,
                 f"tissue_{FULLRES_IMAGE_KEY}_scalef": 1.0,
-            },
+            }
+            | ({} if bin_size is None else _bin_scalefactors(bin_size, diameter)),
             "metadata": {
                 "spatialdata_table": table_key,
                 "spatialdata_shapes": library,
@@ -160,13 +185,14 @@ def from_spatialdata(
             },
         }
         logger.info(
-            "library %r: %d spots, image %r (%d x %d pixels), spot diameter %.1f pixels",
+            "library %r: %d spots, image %r (%d x %d pixels), spot diameter %.1f pixels%s",
             library,
             len(rows),
             image_name,
             levels[0].shape[1],
             levels[0].shape[0],
             diameter,
+            "" if bin_size is None else f" ({bin_size:g} um bins, {bin_size / diameter:.3f} um/px)",
         )
     adata = table[keep].copy()
     adata.obsm[SPATIAL_KEY] = coords[keep]
@@ -326,16 +352,57 @@ def _chosen_shapes(
     return chosen
 
 
-def _check_circles(shapes: Any, name: str) -> None:
-    types = set(shapes.geometry.geom_type.unique())
-    if types != {"Point"} or "radius" not in shapes.columns:
-        raise ValueError(
-            f"Shapes {name!r} are not circles (geometry {sorted(types)}, columns "
-            f"{list(shapes.columns)}): spots need points with a 'radius' column "
-            "(spatialdata.to_circles makes them from polygons)."
-        )
+def _centres_and_sizes(shapes: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Centres ``(n, 2)`` and sizes (circle diameter or square side) of a shapes element."""
+    import shapely
+
     if not shapes.index.is_unique:
-        raise ValueError(f"Shapes {name!r} have repeated index values: circles cannot be matched.")
+        raise ValueError(f"Shapes {name!r} have repeated index values: spots cannot be matched.")
+    types = set(shapes.geometry.geom_type.unique())
+    if types == {"Point"} and "radius" in shapes.columns:
+        centres = np.column_stack([shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()])
+        return centres, 2 * shapes["radius"].to_numpy(dtype=np.float64)
+    if types == {"Polygon"}:
+        geometry = shapes.geometry.to_numpy()
+        area = shapely.area(geometry)
+        # the square minimises perimeter^2 / area (16) among quadrilaterals: any rotation passes
+        ratio = np.divide(shapely.length(geometry) ** 2, 16 * area, where=area > 0, out=area * 0)
+        corners = shapely.get_num_coordinates(geometry) == 5  # closed ring of 4 corners, no holes
+        squares = corners & (np.abs(ratio - 1) <= _SQUARE_TOLERANCE)
+        if squares.all():
+            centroids = shapely.centroid(geometry)
+            centres = np.column_stack([shapely.get_x(centroids), shapely.get_y(centroids)])
+            return centres, np.sqrt(area)
+        raise ValueError(
+            f"Shapes {name!r} are polygons, {int((~squares).sum())} of them not squares: spots "
+            "need circles (points with a 'radius' column) or square bins."
+        )
+    raise ValueError(
+        f"Shapes {name!r} are neither circles nor squares (geometry {sorted(types)}, columns "
+        f"{list(shapes.columns)}): spots need points with a 'radius' column or square polygons "
+        "(spatialdata.to_circles makes circles from other polygons)."
+    )
+
+
+def _bin_size(
+    bin_size_um: float | Mapping[str, float] | None, library: str, table_key: str
+) -> float | None:
+    """The library's bin side in microns: given, or read from a ``square_<n>um`` name."""
+    if isinstance(bin_size_um, Mapping):
+        bin_size_um = bin_size_um.get(library)
+    if bin_size_um is not None:
+        if not float(bin_size_um) > 0:
+            raise ValueError(f"bin_size_um must be positive; got {bin_size_um!r} for {library!r}.")
+        return float(bin_size_um)
+    for name in (library, table_key):
+        found = _BIN_NAME.search(name)
+        if found:
+            return float(found.group(1))
+    return None
+
+
+def _bin_scalefactors(bin_size: float, diameter: float) -> dict[str, float]:
+    return {SCALEFACTOR_BIN_SIZE_UM: bin_size, SCALEFACTOR_MPP: bin_size / diameter}
 
 
 def _chosen_image(
@@ -383,19 +450,32 @@ def _chosen_image(
 
 def _shapes_to_pixels(sdata: SpatialData, shapes_name: str, image_name: str) -> np.ndarray:
     """3 x 3 affine matrix from the circles' coordinates to the image's level-0 pixels (x, y)."""
-    from spatialdata.transformations import get_transformation_between_coordinate_systems
-
-    try:
-        transformation = get_transformation_between_coordinate_systems(
-            sdata, sdata.shapes[shapes_name], sdata.images[image_name]
-        )
-    except Exception as err:  # networkx and spatialdata raise several types for "no path"
-        raise ValueError(
-            f"No coordinate system links shapes {shapes_name!r} and image {image_name!r}: {err}"
-        ) from err
-    affine = np.asarray(
-        transformation.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), float
+    from spatialdata.transformations import (
+        get_transformation,
+        get_transformation_between_coordinate_systems,
     )
+
+    def matrix(transformation: Any) -> np.ndarray:
+        xy = ("x", "y")
+        return np.asarray(transformation.to_affine_matrix(input_axes=xy, output_axes=xy), float)
+
+    shapes, image = sdata.shapes[shapes_name], sdata.images[image_name]
+    to_systems = get_transformation(shapes, get_all=True)
+    image_to_systems = get_transformation(image, get_all=True)
+    shared = sorted(set(to_systems) & set(image_to_systems))
+    if shared:
+        # through a coordinate system both share: spatialdata's path search refuses the several
+        # equal paths of spatialdata-io's Visium HD objects (full and downscaled systems)
+        inverse = np.linalg.pinv(matrix(image_to_systems[shared[0]]))
+        affine = inverse @ matrix(to_systems[shared[0]])
+    else:
+        try:
+            transformation = get_transformation_between_coordinate_systems(sdata, shapes, image)
+        except Exception as err:  # networkx and spatialdata raise several types for "no path"
+            raise ValueError(
+                f"No coordinate system links shapes {shapes_name!r} and image {image_name!r}: {err}"
+            ) from err
+        affine = matrix(transformation)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:2, :2])) == 0:
         raise ValueError(
             f"The transformation from shapes {shapes_name!r} to image {image_name!r} is singular."
