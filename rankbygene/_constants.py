@@ -36,6 +36,8 @@ ARRAY_ROW_KEY = "array_row"
 ARRAY_COL_KEY = "array_col"
 IN_TISSUE_KEY = "in_tissue"
 TISSUE_FRACTION_KEY = "tissue_fraction"
+#: ``obs`` column of the patient of a HER2+ section (``datasets.her2st``).
+PATIENT_KEY = "patient"
 #: The three parts of a library's ``uns["spatial"]`` entry.
 IMAGES_KEY = "images"
 SCALEFACTORS_KEY = "scalefactors"

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from rankbygene._constants import PATIENT_KEY
 from rankbygene._logging import logger
 from rankbygene.io._st import read_st
 
@@ -130,8 +131,8 @@ def her2st(
     else:
         counts, spots, image = _download_files(section, base_url, cache_dir, progress)
     adata = read_st(counts, spots, image, library_id=section)
-    adata.obs["patient"] = pd.Categorical([section[0]] * adata.n_obs)
-    logger.info("added obs['patient']")
+    adata.obs[PATIENT_KEY] = pd.Categorical([section[0]] * adata.n_obs)
+    logger.info(f"added obs[{PATIENT_KEY!r}]")
     return adata
 
 
