@@ -67,6 +67,9 @@ METADATA_SEED = "seed"
 METADATA_COUNTS_PATH = "counts_path"
 METADATA_SPOTS_PATH = "spots_path"
 METADATA_HEST = "hest"
+#: ``uns`` key of a SpatialData table's own attributes (``TableModel.ATTRS_KEY``: the elements it
+#: annotates and its region and instance keys), kept or dropped by the SpatialData converters.
+SPATIALDATA_ATTRS_KEY = "spatialdata_attrs"
 #: The elements ``from_spatialdata`` read.
 METADATA_SPATIALDATA_TABLE = "spatialdata_table"
 METADATA_SPATIALDATA_SHAPES = "spatialdata_shapes"
@@ -106,6 +109,10 @@ COMMON_COORDINATE_FACTORS = (10.0,)
 # the full-resolution image's microns per pixel, kept in uns["spatial"][library]["scalefactors"].
 SCALEFACTOR_BIN_SIZE_UM = "bin_size_um"
 SCALEFACTOR_MPP = "microns_per_pixel"
+#: ``scalefactors`` key of the side of the bins summed into pseudo-spots (``pp.aggregate_bins``),
+#: and ``obs`` column of how many were summed into each.
+SCALEFACTOR_AGGREGATED_BIN_SIZE_UM = "aggregated_bin_size_um"
+N_BINS_KEY = "n_bins"
 
 # Patch resolution (PatchExtractor.check_resolution).
 #: Patches of spots upsampled by more than this factor are logged as blurry; tiles of a whole

@@ -13,6 +13,18 @@ from PIL import Image
 from scipy import ndimage, sparse
 from scipy.spatial import cKDTree
 
+from rankbygene._constants import (
+    ARRAY_COL_KEY,
+    ARRAY_ROW_KEY,
+    COUNTS_LAYER_KEY,
+    IN_TISSUE_KEY,
+    LIBRARY_ID_KEY,
+    METADATA_SEED,
+    METADATA_SOURCE,
+    SCALEFACTOR_FIDUCIAL_DIAMETER,
+    SPATIAL_KEY,
+)
+from rankbygene._layout import spatial_entry, thumbnails
 from rankbygene._logging import logger
 
 __all__ = [
@@ -273,10 +285,10 @@ def synthetic(
         obs_frames.append(
             pd.DataFrame(
                 {
-                    "library_id": library_id,
-                    "array_row": rows,
-                    "array_col": cols,
-                    "in_tissue": np.ones(len(rows), dtype=np.int64),
+                    LIBRARY_ID_KEY: library_id,
+                    ARRAY_ROW_KEY: rows,
+                    ARRAY_COL_KEY: cols,
+                    IN_TISSUE_KEY: np.ones(len(rows), dtype=np.int64),
                     "region": np.asarray(regions)[frac.argmax(axis=1)],
                     "x": xy[:, 0],
                     "y": xy[:, 1],
@@ -284,23 +296,18 @@ def synthetic(
                 index=[f"{library_id}_{r}x{c}" for r, c in zip(rows, cols, strict=True)],
             )
         )
-        lowres, scalef = _downscale(image, lowres_max_side)
-        spatial_uns[library_id] = {
-            "images": {"hires": image, "lowres": lowres},
-            "scalefactors": {
-                "tissue_hires_scalef": 1.0,
-                "tissue_lowres_scalef": scalef,
-                "spot_diameter_fullres": float(spot_diameter),
-                # Visium fiducials are ~1.6 times the spot diameter.
-                "fiducial_diameter_fullres": float(spot_diameter) * 1.625,
-            },
-            "metadata": {"source": "rankbygene.datasets.synthetic", "seed": seed},
-        }
+        spatial_uns[library_id] = spatial_entry(
+            thumbnails(image, 1.0, lowres_max_side),  # hires: the full-resolution image
+            spot_diameter,
+            metadata={METADATA_SOURCE: "rankbygene.datasets.synthetic", METADATA_SEED: seed},
+            # Visium fiducials are ~1.6 times the spot diameter.
+            scalefactors={SCALEFACTOR_FIDUCIAL_DIAMETER: float(spot_diameter) * 1.625},
+        )
 
     obs = pd.concat(obs_frames)
     spatial = obs[["x", "y"]].to_numpy(dtype=np.float64)
     obs = obs.drop(columns=["x", "y"])
-    obs["library_id"] = pd.Categorical(obs["library_id"], categories=list(spatial_uns))
+    obs[LIBRARY_ID_KEY] = pd.Categorical(obs[LIBRARY_ID_KEY], categories=list(spatial_uns))
     obs["region"] = pd.Categorical(obs["region"], categories=regions)
     x = sparse.csr_matrix(np.vstack(xs).astype(np.float32))
     adata = AnnData(
@@ -308,13 +315,13 @@ def synthetic(
         obs=obs,
         var=var,
         obsm={
-            "spatial": spatial,
+            SPATIAL_KEY: spatial,
             "region_fractions": np.vstack(fractions),
             "cell_counts": np.vstack(cells),
         },
-        layers={"counts": x.copy()},
+        layers={COUNTS_LAYER_KEY: x.copy()},
         uns={
-            "spatial": spatial_uns,
+            SPATIAL_KEY: spatial_uns,
             "synthetic": {
                 "regions": regions,
                 "cell_types": list(CELL_TYPES),
@@ -757,15 +764,6 @@ def _render(rng, coarse_labels, labels, regions, xy, spot_diameter, spacing, coa
         od += (rng.random(shape, dtype=f32) - 0.5) * f32(10.0)
         rgb[..., ch] = np.clip(od, 0, 255)
     return rgb, centres, tissue
-
-
-def _downscale(image, max_side):
-    """Area-downscaled copy with longest side ``max_side`` and its scale factor."""
-    height, width = image.shape[:2]
-    scalef = min(1.0, max_side / max(height, width))
-    size = (max(1, round(width * scalef)), max(1, round(height * scalef)))
-    low = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
-    return low, float(size[0] / width)
 
 
 # --------------------------------------------------------------------------- expression

@@ -18,7 +18,12 @@ from PIL import Image
 from scipy import ndimage, sparse
 
 from rankbygene._constants import (
+    ARRAY_COL_KEY,
+    ARRAY_ROW_KEY,
+    IN_TISSUE_KEY,
     LIBRARY_ID_KEY,
+    METADATA_SEED,
+    METADATA_SOURCE,
     SCALEFACTOR_BIN_SIZE_UM,
     SCALEFACTOR_MPP,
     SPATIAL_KEY,
@@ -362,9 +367,9 @@ def _bin_table(
     label = f"{size:03d}um"
     obs = pd.DataFrame(
         {
-            "in_tissue": np.ones(len(keep), dtype=np.int64),
-            "array_row": rows.astype(np.int64),
-            "array_col": cols.astype(np.int64),
+            IN_TISSUE_KEY: np.ones(len(keep), dtype=np.int64),
+            ARRAY_ROW_KEY: rows.astype(np.int64),
+            ARRAY_COL_KEY: cols.astype(np.int64),
             "location_id": np.arange(len(keep), dtype=np.int64),
             "tissue_region": pd.Categorical(
                 np.asarray(regions)[areas.argmax(axis=1)], categories=regions
@@ -384,7 +389,7 @@ def _bin_table(
         obs=obs,
         var=var,
         obsm={
-            "spatial": centres / mpp,
+            SPATIAL_KEY: centres / mpp,
             "region_fractions": areas / size**2,
             "cell_equivalents": cells,
         },
@@ -420,7 +425,10 @@ def _as_anndata(
         library: spatial_entry(
             thumbnails(image, 1.0, _LOWRES_MAX_SIDE),
             spot_diameter=size / mpp,
-            metadata={"source": "rankbygene.datasets.synthetic_visium_hd", "seed": seed},
+            metadata={
+                METADATA_SOURCE: "rankbygene.datasets.synthetic_visium_hd",
+                METADATA_SEED: seed,
+            },
             scalefactors={SCALEFACTOR_BIN_SIZE_UM: float(size), SCALEFACTOR_MPP: float(mpp)},
         )
     }
@@ -481,7 +489,7 @@ def _as_spatialdata(
     for size, table in tables.items():
         key = bin_table_key(size)
         name = f"{dataset_id}_{key}"
-        xy = table.obsm["spatial"]
+        xy = table.obsm[SPATIAL_KEY]
         half = size / mpp / 2
         index = table.obs["location_id"].to_numpy()
         if bins_as_squares:

@@ -20,16 +20,29 @@ from anndata import AnnData
 from PIL import Image
 
 from rankbygene._constants import (
+    FULLRES_IMAGE_KEY,
     GENE_EMBEDDING_KEY,
+    HIRES_IMAGE_KEY,
     IMAGE_EMBEDDING_KEY,
+    IMAGES_KEY,
     LIBRARY_ID_KEY,
+    METADATA_SPATIALDATA_IMAGE,
+    METADATA_SPATIALDATA_SHAPES,
+    METADATA_SPATIALDATA_TABLE,
+    PATCH_STATISTICS_KEY,
     PREDICTED_LAYER_KEY,
+    RANK_CONSISTENCY_KEY,
     SCALEFACTOR_BIN_SIZE_UM,
     SCALEFACTOR_MPP,
     SCALEFACTOR_SPOT_DIAMETER,
+    SCALEFACTORS_KEY,
     SPATIAL_KEY,
+    SPATIALDATA_ATTRS_KEY,
     UNS_KEY,
 )
+
+# the entry builder only: rankbygene._layout's readers of images import rankbygene.io
+from rankbygene._layout._entry import image_scales, spatial_entry
 from rankbygene._logging import logger
 from rankbygene.io._image import as_rgb_uint8, is_lazy_array
 
@@ -38,17 +51,14 @@ if TYPE_CHECKING:
 
 __all__ = ["from_spatialdata", "to_spatialdata"]
 
-#: ``uns["spatial"][library]["images"]`` key of the lazy full-resolution image (scale factor 1).
-FULLRES_IMAGE_KEY = "fullres"
 #: What :func:`to_spatialdata` writes by default, where ``adata`` has it: the package's outputs.
 DEFAULT_KEYS = (
     IMAGE_EMBEDDING_KEY,
     GENE_EMBEDDING_KEY,
     PREDICTED_LAYER_KEY,
-    "X_patch_statistics",
-    "rank_consistency",
+    PATCH_STATISTICS_KEY,
+    RANK_CONSISTENCY_KEY,
 )
-_ATTRS_KEY = "spatialdata_attrs"  # TableModel.ATTRS_KEY, without importing spatialdata
 # Space Ranger and spatialdata-io name Visium HD bins by their side: square_008um, ...
 _BIN_NAME = re.compile(r"square_(\d+)um")
 # A quadrilateral whose perimeter^2 / area is within this of 16 is a square (16 is its minimum).
@@ -170,20 +180,16 @@ def from_spatialdata(
         if image_name not in thumbnails:
             thumbnails[image_name] = _thumbnail(levels, hires_size)
         hires, scale = thumbnails[image_name]
-        spatial[library] = {
-            "images": {"hires": hires, FULLRES_IMAGE_KEY: levels[0]},
-            "scalefactors": {
-                SCALEFACTOR_SPOT_DIAMETER: diameter,
-                "tissue_hires_scalef": scale,
-                f"tissue_{FULLRES_IMAGE_KEY}_scalef": 1.0,
-            }
-            | ({} if bin_size is None else _bin_scalefactors(bin_size, diameter)),
-            "metadata": {
-                "spatialdata_table": table_key,
-                "spatialdata_shapes": library,
-                "spatialdata_image": image_name,
+        spatial[library] = spatial_entry(
+            {HIRES_IMAGE_KEY: (hires, scale), FULLRES_IMAGE_KEY: (levels[0], 1.0)},
+            diameter,
+            metadata={
+                METADATA_SPATIALDATA_TABLE: table_key,
+                METADATA_SPATIALDATA_SHAPES: library,
+                METADATA_SPATIALDATA_IMAGE: image_name,
             },
-        }
+            scalefactors=None if bin_size is None else _bin_scalefactors(bin_size, diameter),
+        )
         logger.info(
             "library %r: %d spots, image %r (%d x %d pixels), spot diameter %.1f pixels%s",
             library,
@@ -198,9 +204,9 @@ def from_spatialdata(
     adata.obsm[SPATIAL_KEY] = coords[keep]
     adata.obs[library_key] = pd.Categorical(obs_region[keep], categories=libraries)
     adata.uns[SPATIAL_KEY] = spatial
-    attrs = dict(adata.uns.get(_ATTRS_KEY, {}))
+    attrs = dict(adata.uns.get(SPATIALDATA_ATTRS_KEY, {}))
     attrs["region"] = libraries if len(libraries) > 1 else libraries[0]
-    adata.uns[_ATTRS_KEY] = attrs
+    adata.uns[SPATIALDATA_ATTRS_KEY] = attrs
     return adata
 
 
@@ -307,21 +313,21 @@ def _table(sdata: SpatialData, table_key: str) -> AnnData:
 
 def _table_attrs(table: AnnData, table_key: str) -> tuple[list[str], str, str]:
     """The elements the table annotates, and the ``obs`` columns naming them and their rows."""
-    attrs = table.uns.get(_ATTRS_KEY) or {}
+    attrs = table.uns.get(SPATIALDATA_ATTRS_KEY) or {}
     regions, region_key = attrs.get("region"), attrs.get("region_key")
     instance_key = attrs.get("instance_key")
     if regions is None or region_key is None or instance_key is None:
         raise KeyError(
-            f"Table {table_key!r} annotates no element: its uns[{_ATTRS_KEY!r}] lacks 'region', "
-            "'region_key' or 'instance_key' (set them with "
+            f"Table {table_key!r} annotates no element: its uns[{SPATIALDATA_ATTRS_KEY!r}] lacks "
+            "'region', 'region_key' or 'instance_key' (set them with "
             "spatialdata.models.TableModel.parse(table, region=..., region_key=..., "
             "instance_key=...))."
         )
     for key in (region_key, instance_key):
         if key not in table.obs:
             raise KeyError(
-                f"Table {table_key!r} has no obs column {key!r}, which its uns[{_ATTRS_KEY!r}] "
-                f"names (columns: {list(table.obs.columns)})."
+                f"Table {table_key!r} has no obs column {key!r}, which its "
+                f"uns[{SPATIALDATA_ATTRS_KEY!r}] names (columns: {list(table.obs.columns)})."
             )
     regions = [regions] if isinstance(regions, str) else [str(r) for r in regions]
     return regions, str(region_key), str(instance_key)
@@ -584,7 +590,7 @@ def _dense(values: Any) -> np.ndarray:
 
 def _table_rows(adata: AnnData, table: AnnData, table_key: str) -> np.ndarray:
     """Row of the table for each row of ``adata``: by region and instance keys, else obs_names."""
-    attrs = table.uns.get(_ATTRS_KEY) or {}
+    attrs = table.uns.get(SPATIALDATA_ATTRS_KEY) or {}
     region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
     if region_key in adata.obs and instance_key in adata.obs and region_key in table.obs:
         ours = pd.MultiIndex.from_arrays(
@@ -647,7 +653,7 @@ def _write_into(
     if not other_layers:
         return
     name = predicted_table_key or f"{table_key}_rankbygene"
-    attrs = table.uns[_ATTRS_KEY]
+    attrs = table.uns[SPATIALDATA_ATTRS_KEY]
     obs = table.obs.iloc[rows][[attrs["region_key"], attrs["instance_key"]]].copy()
     obs.index = adata.obs_names.astype(str)
     first = _dense(_values(adata, other_layers[0], "layers")).astype(np.float32)
@@ -704,11 +710,11 @@ def _new_spatialdata(
         rows = np.flatnonzero(libraries == library)
         instances[rows] = np.arange(len(rows))
         entry = spatial.get(library) or {}
-        scalefactors = entry.get("scalefactors") or {}
+        scalefactors = entry.get(SCALEFACTORS_KEY) or {}
         diameter = scalefactors.get(SCALEFACTOR_SPOT_DIAMETER)
         if diameter is None:
             raise KeyError(
-                f"adata.uns[{SPATIAL_KEY!r}][{library!r}]['scalefactors'] has no "
+                f"adata.uns[{SPATIAL_KEY!r}][{library!r}][{SCALEFACTORS_KEY!r}] has no "
                 f"{SCALEFACTOR_SPOT_DIAMETER!r}: the circles' radius is half of it."
             )
         shapes[library] = ShapesModel.parse(
@@ -742,16 +748,16 @@ def _new_spatialdata(
     table.uns[SPATIAL_KEY] = {
         library: {
             **entry,
-            "images": {
+            IMAGES_KEY: {
                 key: image
-                for key, image in (entry.get("images") or {}).items()
+                for key, image in (entry.get(IMAGES_KEY) or {}).items()
                 if not is_lazy_array(image)
             },
         }
         for library, entry in spatial.items()
         if isinstance(entry, Mapping)
     }
-    table.uns.pop(_ATTRS_KEY, None)
+    table.uns.pop(SPATIALDATA_ATTRS_KEY, None)
     table = TableModel.parse(
         table,
         region=names if len(names) > 1 else names[0],
@@ -766,17 +772,9 @@ def _new_spatialdata(
 
 def _sharpest_image(entry: Mapping[str, Any], library: str) -> tuple[str, Any, float] | None:
     """``(key, image, scale)`` of the library's image with the largest scale factor, if any."""
-    images = entry.get("images") or {}
-    scalefactors = entry.get("scalefactors") or {}
-    scales = {}
-    for key in images:
-        try:
-            scales[key] = float(scalefactors.get(f"tissue_{key}_scalef"))
-        except (TypeError, ValueError):
-            continue
-    scales = {key: s for key, s in scales.items() if np.isfinite(s) and s > 0}
+    scales = image_scales(entry)
     if not scales:
         logger.warning("library %r: no image with a scale factor; circles only", library)
         return None
     key = max(scales, key=scales.get)
-    return key, images[key], scales[key]
+    return key, entry[IMAGES_KEY][key], scales[key]

@@ -12,22 +12,26 @@ from anndata import AnnData
 from scipy import sparse
 
 from rankbygene._constants import (
+    ARRAY_COL_KEY,
+    ARRAY_ROW_KEY,
+    IN_TISSUE_KEY,
+    N_BINS_KEY,
+    SCALEFACTOR_AGGREGATED_BIN_SIZE_UM,
     SCALEFACTOR_BIN_SIZE_UM,
     SCALEFACTOR_MPP,
     SCALEFACTOR_SPOT_DIAMETER,
+    SCALEFACTORS_KEY,
     SPATIAL_KEY,
+    SPATIALDATA_ATTRS_KEY,
 )
 from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
 
 __all__ = ["aggregate_bins"]
 
-#: ``scalefactors`` key, in each library of the output, of the side of the bins that were summed.
-AGGREGATED_FROM_KEY = "aggregated_bin_size_um"
 # Bins whose centre is further than this share of a bin from the grid are off it.
 _GRID_TOLERANCE = 0.25
-_GRID_COLUMNS = ("array_row", "array_col")
-_ATTRS_KEY = "spatialdata_attrs"  # TableModel.ATTRS_KEY, without importing spatialdata
+_GRID_COLUMNS = (ARRAY_ROW_KEY, ARRAY_COL_KEY)
 
 
 def aggregate_bins(
@@ -155,10 +159,10 @@ def aggregate_bins(
     group_library = np.asarray(names, dtype=object)[groups[:, 0]]
     obs = pd.DataFrame(
         {
-            "array_row": groups[:, 1],
-            "array_col": groups[:, 2],
-            "in_tissue": np.ones(len(groups), dtype=np.int64),
-            "n_bins": n_bins.astype(np.int64),
+            ARRAY_ROW_KEY: groups[:, 1],
+            ARRAY_COL_KEY: groups[:, 2],
+            IN_TISSUE_KEY: np.ones(len(groups), dtype=np.int64),
+            N_BINS_KEY: n_bins.astype(np.int64),
         },
         index=pd.Index(
             [
@@ -207,7 +211,7 @@ def _bin_geometry(
     entry: Mapping[str, Any] | None, library: str, bin_size_um: float | None
 ) -> tuple[float, float]:
     """``(bin side in um, um per full-resolution pixel)`` of a library."""
-    scalefactors = (entry or {}).get("scalefactors") or {}
+    scalefactors = (entry or {}).get(SCALEFACTORS_KEY) or {}
     bin_size = scalefactors.get(SCALEFACTOR_BIN_SIZE_UM) if bin_size_um is None else bin_size_um
     if bin_size is None:
         raise KeyError(
@@ -255,8 +259,8 @@ def _grid_positions(
     if off > _GRID_TOLERANCE:
         raise ValueError(
             f"Library {library!r}: bins lie up to {off:.2f} bins off an axis-aligned grid of "
-            f"{bin_px:.2f} pixels; give their grid positions as obs['array_row'] and "
-            "obs['array_col']."
+            f"{bin_px:.2f} pixels; give their grid positions as obs[{ARRAY_ROW_KEY!r}] and "
+            f"obs[{ARRAY_COL_KEY!r}]."
         )
     return grid.astype(np.int64)
 
@@ -285,16 +289,16 @@ def _most_frequent(values: pd.Series, indicator: sparse.csr_matrix) -> pd.Catego
 
 
 def _uns(uns: Mapping[str, Any], scales: dict[str, tuple[float, float]], size_um: float) -> dict:
-    out = {key: value for key, value in uns.items() if key != _ATTRS_KEY}
+    out = {key: value for key, value in uns.items() if key != SPATIALDATA_ATTRS_KEY}
     spatial = dict(out.get(SPATIAL_KEY) or {})
     for library, (bin_size, mpp) in scales.items():
         entry = dict(spatial.get(library) or {})
-        entry["scalefactors"] = {
-            **(entry.get("scalefactors") or {}),
+        entry[SCALEFACTORS_KEY] = {
+            **(entry.get(SCALEFACTORS_KEY) or {}),
             SCALEFACTOR_SPOT_DIAMETER: size_um / mpp,
             SCALEFACTOR_BIN_SIZE_UM: float(size_um),
             SCALEFACTOR_MPP: mpp,
-            AGGREGATED_FROM_KEY: bin_size,
+            SCALEFACTOR_AGGREGATED_BIN_SIZE_UM: bin_size,
         }
         spatial[library] = entry
     if spatial:
