@@ -14,7 +14,15 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from rankbygene._logging import Settings, get_verbosity, set_verbosity, settings
+from rankbygene._logging import (
+    Settings,
+    get_verbosity,
+    ignore_import_warnings,
+    set_verbosity,
+    settings,
+)
+
+ignore_import_warnings()
 
 try:
     __version__ = version("rankbygene")

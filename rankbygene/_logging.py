@@ -220,6 +220,22 @@ def quiet_lightning_tips() -> None:
             emitter.addFilter(_DropTips())
 
 
+def ignore_import_warnings() -> None:
+    """Drop, for the whole session, third-party warnings that say nothing about the user's code.
+
+    Importing squidpy makes docrep report ``SyntaxWarning``s about squidpy's own docstrings;
+    only those (by category and emitting module) are ignored. Called on ``import rankbygene``,
+    so a notebook that imports it before squidpy shows none of them.
+
+    Examples
+    --------
+    >>> from rankbygene._logging import ignore_import_warnings
+    >>> ignore_import_warnings()
+    """
+    for category, module in QUIET_IMPORT_WARNINGS:
+        warnings.filterwarnings("ignore", category=category, module=module)
+
+
 @contextmanager
 def quiet_third_party_imports() -> Iterator[None]:
     """Import third-party modules without their known import-time warnings.

@@ -82,3 +82,16 @@ def test_verbosity_uses_configured_logging(caplog):
     with caplog.at_level(logging.INFO):
         LOGGER.info("to the root")
     assert "to the root" in caplog.text
+
+
+def test_importing_the_package_first_keeps_docrep_warnings_out_of_notebooks():
+    # a notebook's first cell: rankbygene, then squidpy (whose import makes docrep complain)
+    code = "import rankbygene\nimport squidpy\n"
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "SyntaxWarning" not in done.stderr, done.stderr[-2000:]
