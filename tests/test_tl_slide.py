@@ -338,6 +338,9 @@ def test_embed_slides_goes_on_past_a_broken_slide(
     again = rbg.tl.embed_slides(tiny_model, [*cohort, small_slides[2]], out, tile_size_um=64)
     assert again["status"].tolist() == ["skipped", "failed", "skipped", "failed"]
     assert again.loc["case2", "error"] == "RuntimeError: decode error in tile 7"
+    # slide features of the cohort leave the failed slides out, with a warning
+    features = rbg.tl.slide_features(again)
+    assert list(features.index) == list(again.index[again["status"] != "failed"])
 
     # every slide failed: the first error is raised, with the others noted
     other = _truncated_copy(small_slides[1], tmp_path / "broken2.tif")

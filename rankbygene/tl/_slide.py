@@ -120,8 +120,8 @@ def embed_slides(
     -------
     DataFrame indexed by ``slide_id``: ``path``, ``output`` (the ``.h5ad``), ``n_tiles``,
     ``status`` (``"embedded"``, ``"skipped"`` or ``"failed"``) and ``error`` (the error of a
-    failed slide, else ``None``). Pass it to :func:`slide_features`, without the failed slides
-    (``done[done["status"] != "failed"]``), which have no file.
+    failed slide, else ``None``). Pass it to :func:`slide_features`, which leaves out the failed
+    slides (they have no file) with a warning.
 
     Raises
     ------
@@ -533,6 +533,13 @@ def _collect_bags(data: SlideInput, library_key: str | None, use_rep: str) -> Ba
                 "A DataFrame passed as data must be the result of embed_slides (an 'output' "
                 f"column of .h5ad files); got columns {list(data.columns)}."
             )
+        if "status" in data.columns and (data["status"] == "failed").any():
+            failed = data.index[data["status"] == "failed"]
+            logger.warning(
+                f"Leaving out {len(failed)} slides that failed in embed_slides "
+                f"(e.g. {list(failed[:3])}): they have no file."
+            )
+            data = data[data["status"] != "failed"]
         bags = {str(s): _read_rep(Path(p), use_rep) for s, p in data["output"].items()}
     elif isinstance(data, str | Path):
         folder = Path(data)
