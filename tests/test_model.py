@@ -638,3 +638,10 @@ def test_provenance_scale_follows_is_log_normalized(small):
     model = _tiny_model(counts)
     model.predict_expression(counts)
     assert counts.uns["rankbygene"]["predicted"]["scale"].startswith("log1p(counts / total")
+
+
+def test_setup_warns_about_repeated_spot_names(small):
+    adata = _fresh(small)
+    adata.obs_names = ["spot"] * 10 + list(adata.obs_names[10:])
+    with pytest.warns(UserWarning, match=r"obs_names repeat.*obs_names_make_unique"):
+        rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")

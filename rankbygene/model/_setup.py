@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,17 @@ def validate_setup(
         raise ValueError(
             f"adata.var_names repeat (e.g. {repeated}): predictions are keyed by gene; call "
             "adata.var_names_make_unique() first."
+        )
+    if not adata.obs_names.is_unique:
+        # outputs are by position, so this works, but joins by spot name (obs of a prediction,
+        # pandas merges, SpatialData tables) would mix spots up
+        repeated = list(adata.obs_names[adata.obs_names.duplicated()].unique()[:5])
+        warnings.warn(
+            f"adata.obs_names repeat (e.g. {repeated}), as after concatenating sections: call "
+            "adata.obs_names_make_unique() (or concatenate with index_unique='-') so that "
+            "spots can be told apart by name.",
+            UserWarning,
+            stacklevel=3,
         )
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not in adata.layers (layers: {list(adata.layers)}).")
