@@ -149,7 +149,7 @@ def normalize(
     adata: AnnData,
     target_sum: float | None = 1e4,
     layer: str | None = None,
-    key_added: str = "lognorm",
+    key_added: str = LOGNORM_LAYER_KEY,
     copy: bool = False,
 ) -> AnnData | None:
     """Library-size normalise and log-transform counts into a new layer.
