@@ -299,7 +299,9 @@ def _decode_one_patch(reader: ImageReader, xy: np.ndarray, source: ImageSource) 
         return
     nearest = np.argmin(((xy - np.median(xy, axis=0)) ** 2).sum(axis=1))
     x, y = xy[nearest] * source.scale
-    side = max(1.0, source.spot_diameter_fullres * source.scale)
+    # No larger than the image: only its pixels need decoding, and a scale factor far too large
+    # would otherwise allocate a white canvas of terabytes (a MemoryError)
+    side = min(max(1.0, source.spot_diameter_fullres * source.scale), float(max(reader.shape)))
     reader.read_region(x - side / 2, y - side / 2, side, side)
 
 

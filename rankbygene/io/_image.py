@@ -41,9 +41,23 @@ _TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".ome.tiff", ".qp
 _OPENSLIDE_SUFFIXES = {".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide"}
 DEFAULT_CACHE_BYTES = 64 * 2**20  # decoded TIFF chunks kept per open image: ~340 RGB 256-px tiles
 _JPEG_COMPRESSIONS = {6, 7, 33007, 34892}  # old-style, new-style, ALT JPEG, lossy JPEG (DNG)
+#: Most pixels a TIFF tile may hold beyond its level's own size (4096 x 4096, more than writers
+#: use): a header saying more is damaged, and decoding one such tile would allocate gigabytes
+_MAX_TILE_PIXELS = 2**24
+# PIL raises a plain ValueError for some damaged headers and chunks ("Truncated IHDR chunk")
+_PIL_READ_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
 # tifffile raises a plain ValueError for garbled tags met while decoding (e.g. a bit depth of
-# "(24543, 34255, 61740)"); the box is inside the level, so any of them means a damaged file
-_TIFF_READ_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
+# "(24543, 34255, 61740)"), and its zarr store KeyError, IndexError, TypeError, RuntimeError
+# or ZeroDivisionError for chunk counts or sizes that do not fit; the box is inside the level,
+# so any of them means a damaged file
+_TIFF_READ_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    RuntimeError,
+    ZeroDivisionError,
+)
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -189,6 +203,9 @@ class ImageReader(ABC):
         -------
         ``(height, width, 3)`` uint8 array (or the ``out_size`` shape).
         """
+        if not np.isfinite([x, y, width, height]).all():
+            # int() of NaN or inf would fail with an error that names no argument
+            raise ValueError(f"Region must be finite; got x={x}, y={y}, {width} x {height}.")
         if width <= 0 or height <= 0:
             raise ValueError(f"Region size must be positive; got {width} x {height}.")
         if out_size is None:
@@ -263,6 +280,8 @@ class ArrayImage(ImageReader):
         else:
             self._array = as_rgb_uint8(array)
         self.shape = tuple(int(s) for s in self._array.shape[:2])
+        if min(self.shape) < 1:  # no pixel to read: thumbnails would divide by zero
+            raise ValueError(f"image has no pixels: shape {tuple(array.shape)}.")
         self.mpp = mpp
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -305,7 +324,10 @@ class PILImage(ImageReader):
 
     def _decoded(self) -> np.ndarray:
         if self._pixels is None:
-            with _open_pil(self.path) as im, reading_file(self.path, "image file"):
+            with (
+                _open_pil(self.path) as im,
+                reading_file(self.path, "image file", _PIL_READ_ERRORS),
+            ):
                 # converting an RGB image would hold one more full copy at the peak
                 self._pixels = np.asarray(im if im.mode == "RGB" else _pil_rgb(im))
         return self._pixels
@@ -319,7 +341,7 @@ class PILImage(ImageReader):
         height, width = self.shape
         scale = min(1.0, max_side / max(height, width))
         size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
-        with _open_pil(self.path) as im, reading_file(self.path, "image file"):
+        with _open_pil(self.path) as im, reading_file(self.path, "image file", _PIL_READ_ERRORS):
             im.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 directly
             small = _pil_rgb(im).resize(size, Image.Resampling.BILINEAR)
         return np.asarray(small), scale
@@ -373,13 +395,28 @@ class TiffImage(ImageReader):
         self._axes = series.axes
         self._arrays = []
         self._grids: list[_ChunkGrid | None] = []
-        shapes = []
-        with reading_file(self.path, "TIFF file"):
+        shapes, tiles = [], []
+        with reading_file(self.path, "TIFF file", _TIFF_READ_ERRORS):
             for i, level in enumerate(levels):
                 store = self._tif.series[0].aszarr(level=i)
                 self._arrays.append(zarr.open(store, mode="r"))
                 shapes.append(_tiff_hw(level.shape, level.axes))
                 self._grids.append(_ChunkGrid.of(level))
+                page = level.keyframe
+                tiled = page is not None and page.is_tiled
+                tiles.append((page.tilelength, page.tilewidth) if tiled else (0, 0))
+        # What a damaged header says: no pixel to read, or tiles that would allocate gigabytes
+        problem = None
+        if min(side for shape in shapes for side in shape) < 1:
+            problem = f"level sizes {shapes} include an empty one"
+        for (height, width), (tile_h, tile_w) in zip(shapes, tiles, strict=True):
+            if tile_h * tile_w > max(_MAX_TILE_PIXELS, height * width):
+                problem = f"tiles of {tile_w} x {tile_h} px in a {width} x {height} px level"
+        if problem is not None:
+            self._tif.close()  # no reader is returned to close it
+            raise ValueError(
+                f"Could not read TIFF file {self.path}: it looks truncated or corrupt ({problem})."
+            )
         self.shape = shapes[0]
         self._shapes = shapes
         self.level_downsamples = tuple(shapes[0][1] / s[1] for s in shapes)
@@ -773,7 +810,7 @@ def _open_pil(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(path)
     except Exception as err:
-        if not is_decoder_error(err):  # e.g. a missing file or no permission: their own error
+        if not is_decoder_error(err, _PIL_READ_ERRORS):  # e.g. a missing file: its own error
             raise
         raise corrupt_file_error(path, err, "image file") from err
     finally:

@@ -206,7 +206,13 @@ def infer_spot_diameter(coords: np.ndarray, pitch_to_diameter: float = 0.5) -> f
     nearest = nearest[nearest > 0]  # duplicated centres say nothing about spacing
     if nearest.size == 0:
         raise ValueError("All spots share one centre: pass spot_diameter.")
-    return float(np.median(nearest) * pitch_to_diameter)
+    diameter = float(np.median(nearest) * pitch_to_diameter)
+    if not np.isfinite(diameter):  # centres near 1e300: their squared distance overflows
+        raise ValueError(
+            f"Cannot infer the spot diameter from spots up to {np.abs(coords).max():.3g} px "
+            "apart: pass spot_diameter."
+        )
+    return diameter
 
 
 def existing_file(path: str | Path, what: str) -> Path:

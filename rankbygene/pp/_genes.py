@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 import scanpy as sc
 from anndata import AnnData
 from scipy import sparse
@@ -16,6 +17,7 @@ from rankbygene._constants import PANEL_KEY
 from rankbygene._logging import logger
 from rankbygene.pp._normalize import (
     check_counts,
+    check_not_empty,
     get_matrix,
     light_adata,
     matrix_name,
@@ -95,7 +97,13 @@ def _highly_variable(adata: AnnData, x, n_top: int) -> np.ndarray | None:
             n_varying,
         )
         return None
+    if x.dtype not in (np.float32, np.float64):
+        # scanpy squares counts in their own dtype: uint16 (or int32 past 46,340) overflows to
+        # negative variances, on which scikit-misc's loess segfaults
+        x = x.astype(np.float32)
     light = light_adata(adata, x)
+    # genes told apart by position: a repeated name would select its twins too
+    light.var_names = pd.RangeIndex(adata.n_vars).astype(str)
     try:
         df = sc.pp.highly_variable_genes(
             light, flavor="seurat_v3", n_top_genes=n_top, inplace=False
@@ -117,7 +125,7 @@ def _highly_variable(adata: AnnData, x, n_top: int) -> np.ndarray | None:
             err.args[0].decode(errors="replace"),
         )
         return None
-    hv = df["highly_variable"].reindex(adata.var_names).fillna(False).to_numpy(dtype=bool)
+    hv = df["highly_variable"].reindex(light.var_names).fillna(False).to_numpy(dtype=bool)
     return np.flatnonzero(hv)
 
 
@@ -178,8 +186,8 @@ def select_genes(
     FileNotFoundError
         If ``genes`` is a path that does not exist.
     ValueError
-        If ``n_top < 1``, ``flavor`` is unknown, the counts contain NaN or negative values, or
-        none of the listed genes is in ``adata``.
+        If ``n_top < 1``, ``flavor`` is unknown, the counts are empty or contain NaN or negative
+        values, or none of the listed genes is in ``adata``.
 
     Examples
     --------
@@ -200,6 +208,7 @@ def select_genes(
         if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 1:
             raise ValueError(f"n_top must be an integer >= 1, got {n_top!r}")
     x = get_matrix(adata, layer)
+    check_not_empty(x, layer, "select")
     check_counts(adata, x, layer)
 
     if genes is not None:

@@ -50,6 +50,15 @@ def _first_position(x, bad_values: np.ndarray, adata: AnnData) -> str:
     return f"first at spot {adata.obs_names[row]!r}, gene {adata.var_names[col]!r}"
 
 
+def check_not_empty(x, layer: str | None, what: str) -> None:
+    """Raise ValueError when the matrix has no spot or no gene (scanpy and scipy fail obscurely)."""
+    if 0 in x.shape:
+        raise ValueError(
+            f"{matrix_name(layer)} is empty ({x.shape[0]} spots x {x.shape[1]} genes): "
+            f"nothing to {what}"
+        )
+
+
 def check_counts(adata: AnnData, x, layer: str | None) -> None:
     """Raise ValueError when counts contain NaN/inf or negative values, saying where."""
     values = stored_values(x)
@@ -166,7 +175,7 @@ def normalize(
         Annotated data matrix with raw counts in ``layer`` (or ``X``).
     target_sum
         Total count of each spot after normalisation; ``None`` uses the median total count over
-        spots (scanpy's default).
+        the spots with counts (scanpy's default for dense counts; sparse ones get the same).
     layer
         Layer holding the counts; ``None`` uses ``adata.X``.
     key_added
@@ -185,8 +194,9 @@ def normalize(
     KeyError
         If ``layer`` is not in ``adata.layers``.
     ValueError
-        If the counts contain NaN, infinite or negative values (the message says how many and
-        where), if ``target_sum`` is not positive or if ``key_added`` equals ``layer``.
+        If the counts are empty or contain NaN, infinite or negative values (the message says
+        how many and where), if ``target_sum`` is not a positive finite number (or ``None`` on
+        counts that are all zero) or if ``key_added`` equals ``layer``.
 
     Examples
     --------
@@ -196,8 +206,13 @@ def normalize(
     >>> adata.layers["lognorm"].shape == adata.shape
     True
     """
-    if target_sum is not None and not target_sum > 0:
-        raise ValueError(f"target_sum must be positive or None, got {target_sum}")
+    if target_sum is not None and not (
+        isinstance(target_sum, int | float | np.number)
+        and not isinstance(target_sum, bool)
+        and np.isfinite(target_sum)  # scanpy takes inf as "do not scale"
+        and target_sum > 0
+    ):
+        raise ValueError(f"target_sum must be a positive finite number or None, got {target_sum!r}")
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}")
     if layer is not None and key_added == layer:
@@ -206,7 +221,14 @@ def normalize(
             "choose another key"
         )
     x = get_matrix(adata, layer)
+    check_not_empty(x, layer, "normalise")
     check_counts(adata, x, layer)
+    if target_sum is None and not stored_values(x).any():
+        # the median of the non-zero totals is then NaN, and so would be every value
+        raise ValueError(
+            f"{matrix_name(layer)} has no counts (every spot totals 0): target_sum=None scales "
+            "to the median total; pass target_sum"
+        )
 
     result = _lognormalize(adata, x, target_sum)
     out = adata.copy() if copy else adata
