@@ -9,9 +9,10 @@ import pytest
 
 import rankbygene as rbg
 
-# Measured (seed 0, the shared trained_synthetic run of conftest): ridge on the trained embedding
-# reaches mean Pearson r ~0.55 on the held-out slide; 0.3 leaves a wide margin.
-MIN_HELDOUT_PEARSON = 0.3
+# The prediction must beat the same model untrained (ridge on its random embedding, which already
+# reaches ~0.55 on the synthetic held-out slide: a fixed floor such as 0.3 tested nothing).
+# Measured with the shared trained_synthetic run of conftest: +0.026; half of it is asserted.
+MIN_GAIN_OVER_UNTRAINED = 0.013
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def trained(trained_synthetic):
     return trained_synthetic.model, trained_synthetic.train, trained_synthetic.test
 
 
-def test_ridge_prediction_lands_in_layer_and_is_accurate(trained):
+def test_ridge_prediction_lands_in_layer_and_is_accurate(trained, trained_synthetic):
     model, _, test = trained
     query = test.copy()
     before = set(query.obsm), set(query.obs.columns), query.X.copy()
@@ -36,7 +37,7 @@ def test_ridge_prediction_lands_in_layer_and_is_accurate(trained):
     assert info["model"]["n_latent"] == 32
     scores = rbg.tl.evaluate_expression(query, library_key="library_id")
     mean_r = rbg.tl.summarize_expression_scores(scores).loc["mean", "pearson"]
-    assert mean_r > MIN_HELDOUT_PEARSON
+    assert mean_r > trained_synthetic.untrained_pearson + MIN_GAIN_OVER_UNTRAINED
 
 
 def test_image_only_query_gets_new_anndata(trained):
