@@ -1,4 +1,5 @@
-"""Every tutorial notebook runs from top to bottom (on offline data; HER2+ when present)."""
+"""Every tutorial notebook runs from top to bottom (on offline data; HER2+ when present), and
+each notebook has the cells of its paired ``py:percent`` file (``tutorials/jupytext.toml``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,31 @@ from conftest import HAS_HER2ST, HER2ST
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 NEEDS_HER2ST = {"her2st"}
+NAMES = sorted(p.stem for p in TUTORIALS.glob("*.ipynb"))
+
+
+def _cells(path: Path) -> list[tuple[str, str]]:
+    jupytext = pytest.importorskip("jupytext", reason="jupytext not installed (the test extra)")
+    return [(cell.cell_type, cell.source) for cell in jupytext.read(path).cells]
+
+
+def test_every_tutorial_is_a_pair():
+    assert NAMES
+    assert sorted(p.stem for p in TUTORIALS.glob("*.py")) == NAMES
+    assert "ipynb,py:percent" in (TUTORIALS / "jupytext.toml").read_text()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tutorial_notebook_matches_its_py_file(name):
+    """Edit the .py, then ``jupytext --sync tutorials/<name>.py``: the .ipynb follows."""
+    text, notebook = _cells(TUTORIALS / f"{name}.py"), _cells(TUTORIALS / f"{name}.ipynb")
+    assert text == notebook, f"tutorials/{name}.py and .ipynb differ: jupytext --sync {name}.py"
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_HER2ST))
+def test_real_data_tutorials_are_committed_without_outputs(name):
+    notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
+    assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
 
 
 def _run(name: str, workdir: Path) -> nbformat.NotebookNode:
@@ -26,7 +52,7 @@ def _run(name: str, workdir: Path) -> nbformat.NotebookNode:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(p.stem for p in TUTORIALS.glob("*.ipynb")))
+@pytest.mark.parametrize("name", NAMES)
 def test_tutorial_runs(name, tmp_path, monkeypatch):
     pytest.importorskip("nbclient", reason="notebook runner not installed")
     if name in NEEDS_HER2ST:
