@@ -101,6 +101,9 @@ CORNER_FRACTION = 1 / 3
 #: Share of spots outside the image above which spots that all fit once x and y are exchanged
 #: are taken for swapped coordinates.
 SWAPPED_OUTSIDE_FRACTION = 0.1
+#: Share of spots outside the image above which the coordinates (or the image's scale factor)
+#: are taken for another unit: patches there would be padding, not tissue.
+OUTSIDE_IMAGE_FRACTION = 0.5
 #: Factors coordinates are commonly off by besides the images' scale factors: pixel positions of
 #: a spot table divided by 10.
 COMMON_COORDINATE_FACTORS = (10.0,)

@@ -276,6 +276,10 @@ def _large_diameter(adata: AnnData) -> None:
     adata.uns["spatial"]["a"]["scalefactors"]["spot_diameter_fullres"] *= 5
 
 
+def _hires_scalef_too_large(adata: AnnData) -> None:
+    adata.uns["spatial"]["a"]["scalefactors"]["tissue_hires_scalef"] *= 5
+
+
 def _array_indices(adata: AnnData) -> None:
     # Visium's array_col (two per pitch, alternate rows shifted by one) and array_row
     x, y = (adata.obsm["spatial"] - 200).T
@@ -294,6 +298,8 @@ def _array_indices(adata: AnnData) -> None:
         (_large_diameter, r"0\.36 spot diameters apart.*spot_diameter_fullres too large"),
         (_array_indices, r"would overlap.*array indices"),
         (_swap, r"\(y, x\), not \(x, y\).*outside the 1500 x 1000 px.*\[:, \[1, 0\]\]"),
+        (_scale_coords(4), r"86 of 88 spots outside the 1500 x 1000 px .*reach 3\.33 times"),
+        (_hires_scalef_too_large, r"outside the 300 x 200 px .*tissue_<image>_scalef too large"),
     ],
 )
 def test_wrong_units_are_named_with_the_likely_fix(change, match):

@@ -1066,12 +1066,6 @@ def test_setup_anndata_on_damaged_layouts(data: st.DataObject, mutations: list[s
             pd.testing.assert_frame_equal(adata.obs, before.obs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="setup_anndata accepts spots that all lie outside their image (coordinates or "
-    "tissue_<image>_scalef too large): every patch is white glass. The spots' extent against "
-    "the image size is for the layout checks (issue 12, item 2).",
-)
 # no shrinking: while the case fails, the first example says enough
 @settings(BASE_SETTINGS, max_examples=10, phases=[Phase.explicit, Phase.generate])
 @given(scaled=st.sampled_from(["coordinates", "scale factor"]), factor=st.floats(3, 1000))

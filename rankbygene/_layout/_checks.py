@@ -20,6 +20,7 @@ from rankbygene._constants import (
     CORNER_FRACTION,
     IMAGES_KEY,
     MIN_SPOT_SPACING,
+    OUTSIDE_IMAGE_FRACTION,
     PLAUSIBLE_SPOT_SPACING,
     SCALEFACTORS_KEY,
     SPATIAL_KEY,
@@ -55,7 +56,9 @@ def validate_layout(
       where coordinates and diameter are both in downscaled units; an error when one of the
       library's ``tissue_<image>_scalef`` (or a factor of 10) rescales them to fill the image,
       a warning otherwise;
-    - x and y swapped: many spots outside the image, all inside once exchanged.
+    - x and y swapped: many spots outside the image, all inside once exchanged;
+    - most spots (``OUTSIDE_IMAGE_FRACTION``) outside the image otherwise: coordinates scaled
+      up, or a ``tissue_<image>_scalef`` too large for the image it describes.
 
     Errors name the likely factor. Then one patch per image (at the spot nearest the spots'
     median) is decoded, and the first row of a file of precomputed patches, so that a corrupt
@@ -165,6 +168,15 @@ def _units_finding(
                 f"outside the {width:.0f} x {height:.0f} px (width x height) full-resolution "
                 "image, and all of them inside once x and y are exchanged. Swap the columns: "
                 "adata.obsm[key] = adata.obsm[key][:, [1, 0]].",
+                True,
+            )
+        if outside.mean() > OUTSIDE_IMAGE_FRACTION:
+            span = max(xy[:, 0].max() / width, xy[:, 1].max() / height)
+            return (
+                f"puts {int(outside.sum())} of {len(xy)} spots outside the {width:.0f} x "
+                f"{height:.0f} px (width x height) full-resolution image; the spots reach "
+                f"{span:.3g} times its size. Are the coordinates in another unit (multiplied by "
+                "a factor), or is the image's tissue_<image>_scalef too large?",
                 True,
             )
     if ratio == 0:
