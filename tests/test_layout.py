@@ -299,6 +299,7 @@ def _array_indices(adata: AnnData) -> None:
         (_array_indices, r"would overlap.*array indices"),
         (_swap, r"\(y, x\), not \(x, y\).*outside the 1500 x 1000 px.*\[:, \[1, 0\]\]"),
         (_scale_coords(4), r"86 of 88 spots outside the 1500 x 1000 px .*reach 3\.33 times"),
+        (_scale_coords(10), r"outside the 1500 x 1000 px .*They fit once divided by 10\."),
         (_hires_scalef_too_large, r"outside the 300 x 200 px .*tissue_<image>_scalef too large"),
     ],
 )

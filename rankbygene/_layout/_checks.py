@@ -172,11 +172,18 @@ def _units_finding(
             )
         if outside.mean() > OUTSIDE_IMAGE_FRACTION:
             span = max(xy[:, 0].max() / width, xy[:, 1].max() / height)
+            fits = [
+                f"{factor:.4g}"
+                for factor, _, _ in _likely_factors(scalefactors)
+                if _inside(xy / factor, width, height, margin).mean() >= 0.99
+                and span / factor >= 0.5
+            ]
+            fit = f" They fit once divided by {' or '.join(fits)}." if fits else ""
             return (
                 f"puts {int(outside.sum())} of {len(xy)} spots outside the {width:.0f} x "
                 f"{height:.0f} px (width x height) full-resolution image; the spots reach "
-                f"{span:.3g} times its size. Are the coordinates in another unit (multiplied by "
-                "a factor), or is the image's tissue_<image>_scalef too large?",
+                f"{span:.3g} times its size.{fit} Are the coordinates in another unit (multiplied "
+                "by a factor), or is the image's tissue_<image>_scalef too large?",
                 True,
             )
     if ratio == 0:
