@@ -364,18 +364,17 @@ def test_frozen_backbone_trains_only_the_heads_and_round_trips(small, tmp_path):
 
 
 def test_feature_views_student_sees_augmented_views_teacher_the_plain_one():
-    from rankbygene.data import BATCH_KEYS
-    from rankbygene.model._data import SpotViews
+    from rankbygene.data import BATCH_KEYS, SpotPatchDataset
 
     FEATURES, FEATURES_WEAK = BATCH_KEYS.features, BATCH_KEYS.features_weak
 
     features = np.arange(5 * 4 * 2, dtype=np.float32).reshape(5, 4, 2)  # 5 spots, 4 views
-    train = SpotViews(np.arange(5), features=features, random_views=True)
+    train = SpotPatchDataset(indices=np.arange(5), features=features, random_views=True)
     torch.manual_seed(0)
     seen = {int(train[2][FEATURES][0]) for _ in range(40)}
     assert seen == {int(features[2, v, 0]) for v in (1, 2, 3)}  # never the plain view
     assert torch.equal(train[2][FEATURES_WEAK], torch.from_numpy(features[2, 0]))
-    plain = SpotViews(np.arange(5), features=features)  # validation and getters: view 0
+    plain = SpotPatchDataset(indices=np.arange(5), features=features)  # validation/getters: view 0
     assert torch.equal(plain[2][FEATURES], torch.from_numpy(features[2, 0]))
 
 

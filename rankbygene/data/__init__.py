@@ -1,8 +1,9 @@
-"""Patch pipeline: per-spot image patches, their caches, augmentations and a torch Dataset."""
+"""Patch pipeline: spot patches, their caches, augmentations, a torch Dataset, image settings."""
 
 from rankbygene._constants import BATCH_KEYS, BatchKeys
 from rankbygene.data._dataset import SpotPatchDataset
 from rankbygene.data._patches import PatchExtractor
+from rankbygene.data._settings import ImageSettings
 from rankbygene.data._transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -20,6 +21,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BatchKeys",
+    "ImageSettings",
     "PatchExtractor",
     "PatchTransform",
     "RandomHEDJitter",

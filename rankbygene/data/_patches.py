@@ -9,7 +9,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from anndata import AnnData
@@ -19,6 +19,9 @@ from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, 
 from rankbygene._logging import logger
 from rankbygene.io._image import BACKGROUND, ArrayImage, is_lazy_array, open_image
 from rankbygene.io._patch_file import PATCH_BARCODE_KEYS, PATCH_IMAGE_KEYS, PatchFile
+
+if TYPE_CHECKING:
+    from rankbygene.data._settings import ImageSettings
 
 __all__ = ["PatchExtractor"]
 
@@ -194,6 +197,49 @@ class PatchExtractor:
         self._opened: set[str] = set()
         self._reopens = 0
         self._warned_thrash = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        adata: AnnData,
+        settings: ImageSettings,
+        library_key: str | None = None,
+        out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        cache: Literal["memory", "disk"] | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> PatchExtractor:
+        """Patches of ``adata`` with a model's geometry: its keys, patch scale and input size.
+
+        Parameters
+        ----------
+        adata
+            AnnData in the scanpy/squidpy spatial layout.
+        settings
+            The model's :class:`~rankbygene.data.ImageSettings` (``model.image_settings``).
+        library_key
+            ``obs`` column of libraries; default: ``settings.library_key`` where ``adata.obs``
+            has that column (an AnnData of one library may lack it).
+        out_of_bounds, cache, cache_dir
+            As for the constructor.
+
+        Examples
+        --------
+        >>> patches = PatchExtractor.from_settings(adata, model.image_settings)  # doctest: +SKIP
+        """
+        default = settings.library_key
+        if library_key is None and default is not None and default in adata.obs:
+            library_key = default
+        return cls(
+            adata,
+            library_key=library_key,
+            spatial_key=settings.spatial_key,
+            image_key=settings.image_key,
+            patch_scale=settings.patch_scale,
+            patch_size=settings.patch_size,
+            out_of_bounds=out_of_bounds,
+            cache=cache,
+            cache_dir=cache_dir,
+        )
 
     # ------------------------------------------------------------------ public API
 

@@ -5,79 +5,26 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from anndata import AnnData
-from scipy import sparse
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from rankbygene._constants import BATCH_KEYS
 from rankbygene.data import (
+    ImageSettings,
     PatchExtractor,
+    SpotPatchDataset,
     eval_transform,
     stain_transform,
     strong_transform,
     weak_transform,
 )
 
-if TYPE_CHECKING:
-    from rankbygene.model._model import RankByGene
-
 SPATIAL_REGISTRY_KEY = "spatial"
 FEATURES_REGISTRY_KEY = "features"
-
-
-class SpotViews(Dataset):
-    """Per spot: an image view per transform (or features), expression, and the spot index.
-
-    Features may carry views, ``(n_spots, n_views, n_features)``: view 0 of the plain patch and
-    augmented ones after it. With ``random_views`` the student gets a random augmented view and
-    the teacher view 0 (their strong and weak views); otherwise both get view 0.
-    """
-
-    def __init__(
-        self,
-        indices: np.ndarray,
-        patches: PatchExtractor | None = None,
-        features: np.ndarray | None = None,
-        expression: Any = None,
-        transforms: Sequence | None = None,
-        random_views: bool = False,
-    ) -> None:
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.patches = patches
-        self.features = None if features is None else np.asarray(features, dtype=np.float32)
-        self.expression = expression
-        self.transforms = list(transforms or [])
-        self.random_views = random_views
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        i = int(self.indices[item])
-        out: dict[str, torch.Tensor] = {BATCH_KEYS.index: torch.tensor(i)}
-        if self.features is not None and self.features.ndim == 3:
-            n_views = self.features.shape[1]
-            view = int(torch.randint(1, n_views, ())) if self.random_views and n_views > 1 else 0
-            out[BATCH_KEYS.features] = torch.from_numpy(self.features[i, view])
-            out[BATCH_KEYS.features_weak] = torch.from_numpy(self.features[i, 0])
-        elif self.features is not None:
-            out[BATCH_KEYS.features] = torch.from_numpy(self.features[i])
-        else:
-            patch = self.patches[i]
-            keys = (BATCH_KEYS.image, BATCH_KEYS.image_weak)
-            for key, transform in zip(keys, self.transforms, strict=False):
-                out[key] = transform(patch)
-        if self.expression is not None:
-            row = self.expression[i]
-            row = row.toarray().ravel() if sparse.issparse(row) else np.asarray(row).ravel()
-            out[BATCH_KEYS.expression] = torch.as_tensor(row, dtype=torch.float32)
-        return out
 
 
 class SpotDataModule(pl.LightningDataModule):
@@ -135,18 +82,15 @@ class SpotDataModule(pl.LightningDataModule):
         if patches is not None:
             self.train_transforms = [strong_transform(mean, std), weak_transform(mean, std)]
             self.eval_transforms = [eval_transform(mean, std)]
-        else:
-            self.train_transforms = self.eval_transforms = []
 
     def _loader(self, indices: np.ndarray, train: bool) -> DataLoader:
-        dataset = SpotViews(
-            indices,
-            patches=self.patches,
-            features=self.features,
-            expression=self.expression,
-            transforms=self.train_transforms if train else self.eval_transforms,
-            random_views=train,
-        )
+        if self.features is not None:
+            # in training the student gets a random augmented view of the features
+            source = {"features": self.features, "random_views": train}
+        else:
+            transforms = self.train_transforms if train else self.eval_transforms
+            source = {"patches": self.patches, "transform": transforms, "n_views": len(transforms)}
+        dataset = SpotPatchDataset(indices=indices, expression=self.expression, **source)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -164,30 +108,6 @@ class SpotDataModule(pl.LightningDataModule):
         if self.n_val == 0:
             return []
         return self._loader(self.val_idx, train=False)
-
-
-def make_patch_extractor(
-    model: RankByGene,
-    adata: AnnData,
-    library_key: str | None = None,
-    cache: str | None = None,
-    cache_dir: str | Path | None = None,
-    out_of_bounds: str = "raise",
-) -> PatchExtractor:
-    """Patches of ``adata`` with the model's geometry (patch scale, input size, image key)."""
-    if library_key is None and model.library_key is not None and model.library_key in adata.obs:
-        library_key = model.library_key
-    return PatchExtractor(
-        adata,
-        library_key=library_key,
-        spatial_key=model.spatial_key,
-        image_key=model.image_key,
-        patch_scale=model.patch_scale,
-        patch_size=model.input_size,
-        out_of_bounds=out_of_bounds,
-        cache=cache,
-        cache_dir=cache_dir,
-    )
 
 
 # Below this many batches, starting a worker process costs more than it saves.
@@ -254,49 +174,52 @@ def inference_loader_settings(
 
 
 def image_loader(
-    model: RankByGene,
+    settings: ImageSettings,
     adata: AnnData,
     indices: Sequence[int] | None,
     batch_size: int | None,
     library_key: str | None,
     num_workers: int | None,
     out_of_bounds: str,
+    device: str | torch.device,
+    n_features: int,
     augmented: bool = False,
 ) -> DataLoader:
     """Loader of patches (plain or a stain view), or plain features, for the image getter.
 
-    ``batch_size``/``num_workers`` of ``None`` are chosen by :func:`inference_loader_settings`.
+    ``settings`` are the model's image settings; ``n_features`` is the feature size that its
+    encoder takes (checked against ``obsm[settings.features_key]``). ``batch_size`` and
+    ``num_workers`` of ``None`` are chosen by :func:`inference_loader_settings` for ``device``.
     """
     idx = np.arange(adata.n_obs) if indices is None else np.asarray(indices, dtype=np.int64)
     loader_settings = inference_loader_settings(
-        len(idx), batch_size, num_workers, model.device, reads_images=model.features_key is None
+        len(idx), batch_size, num_workers, device, reads_images=not settings.uses_features
     )
     if idx.size and (idx.min() < 0 or idx.max() >= adata.n_obs):
         raise IndexError(f"indices must lie in [0, {adata.n_obs}); got {idx.min()}..{idx.max()}.")
-    if model.features_key is not None:
-        if model.features_key not in adata.obsm:
-            raise KeyError(
-                f"The model was trained on adata.obsm[{model.features_key!r}], missing here."
-            )
-        features = np.asarray(adata.obsm[model.features_key], dtype=np.float32)
+    key = settings.features_key
+    if key is not None:
+        if key not in adata.obsm:
+            raise KeyError(f"The model was trained on adata.obsm[{key!r}], missing here.")
+        features = np.asarray(adata.obsm[key], dtype=np.float32)
         if features.ndim == 3:  # views: the plain one
             features = features[:, 0]
-        if features.shape[1] != model.module.n_features:
+        if features.shape[1] != n_features:
             raise ValueError(
-                f"adata.obsm[{model.features_key!r}] has {features.shape[1]} features; the model "
-                f"takes {model.module.n_features}."
+                f"adata.obsm[{key!r}] has {features.shape[1]} features; the model takes "
+                f"{n_features}."
             )
         if not np.isfinite(features[idx]).all():
-            raise ValueError(f"adata.obsm[{model.features_key!r}] has NaN or infinite values.")
-        dataset = SpotViews(idx, features=features)
+            raise ValueError(f"adata.obsm[{key!r}] has NaN or infinite values.")
+        dataset = SpotPatchDataset(features=features, indices=idx)
     else:
         # the extractor warns about whole-slide tiles that it would upsample
-        patches = make_patch_extractor(
-            model, adata, library_key=library_key, out_of_bounds=out_of_bounds
+        patches = PatchExtractor.from_settings(
+            adata, settings, library_key=library_key, out_of_bounds=out_of_bounds
         )
         make = stain_transform if augmented else eval_transform
-        dataset = SpotViews(
-            idx, patches=patches, transforms=[make(model.image_mean, model.image_std)]
+        dataset = SpotPatchDataset(
+            patches, indices=idx, transform=make(settings.mean, settings.std)
         )
     return DataLoader(
         dataset, shuffle=False, pin_memory=torch.cuda.is_available(), **loader_settings

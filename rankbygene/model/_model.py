@@ -18,6 +18,7 @@ from torch import nn
 
 from rankbygene._constants import SPATIAL_KEY
 from rankbygene._layout import resolve_library_key
+from rankbygene.data import ImageSettings
 from rankbygene.model._data import FEATURES_REGISTRY_KEY, SPATIAL_REGISTRY_KEY
 from rankbygene.model._encoders import create_backbone
 from rankbygene.model._module import RankByGeneModule
@@ -186,6 +187,29 @@ class RankByGene(
             f"{', backbone frozen' if self.module.freeze_backbone else ''}."
         )
         self.init_params_ = self._get_init_params(locals())
+
+    @property
+    def image_settings(self) -> ImageSettings:
+        """Where this model reads spot images (or features) and the patches its encoder takes.
+
+        Built from the setup arguments (``spatial_key``, ``image_key``, ``library_key``,
+        ``features_key``), ``patch_scale``, ``input_size`` and the encoder's normalisation.
+
+        Examples
+        --------
+        >>> from rankbygene.data import PatchExtractor
+        >>> patches = PatchExtractor.from_settings(adata, model.image_settings)  # doctest: +SKIP
+        """
+        return ImageSettings(
+            spatial_key=self.spatial_key,
+            image_key=self.image_key,
+            library_key=self.library_key,
+            patch_scale=self.patch_scale,
+            patch_size=self.input_size,
+            mean=self.image_mean,
+            std=self.image_std,
+            features_key=self.features_key,
+        )
 
     # -- setup ----------------------------------------------------------------------------
     @classmethod

@@ -19,7 +19,7 @@ from rankbygene._layout import (
     spot_libraries,
 )
 from rankbygene._logging import logger
-from rankbygene.model._data import make_patch_extractor
+from rankbygene.data import PatchExtractor
 from rankbygene.model._prediction import (
     KnnPredictor,
     MlpPredictor,
@@ -121,7 +121,9 @@ class PredictionMixin:
         query_libraries = self._libraries(query, library_key)
         # validate the query's layout before the (long) reference forward pass
         if self.features_key is None:
-            make_patch_extractor(self, query, library_key=library_key, out_of_bounds="pad")
+            PatchExtractor.from_settings(
+                query, self.image_settings, library_key=library_key, out_of_bounds="pad"
+            )
         embed = {"batch_size": batch_size, "num_workers": num_workers, "progress": None}
         if method == "knn":
             ref_genes = self.get_gene_representation(ref_adata, indices=ref_idx)

@@ -78,13 +78,15 @@ class RepresentationMixin:
         if adata is None:
             raise ValueError("This model has no AnnData attached: pass adata.")
         loader = image_loader(
-            self,
+            self.image_settings,
             adata,
             indices=indices,
             batch_size=batch_size,
             library_key=library_key,
             num_workers=num_workers,
             out_of_bounds=out_of_bounds,
+            device=self.device,
+            n_features=self.module.n_features,
             augmented=augmented,
         )
         return self._embed_batches(loader, kind, progress)

@@ -17,11 +17,8 @@ from rankbygene._logging import (
     quiet_lightning_tips,
     quiet_scvi_training_exception,
 )
-from rankbygene.model._data import (
-    FEATURES_REGISTRY_KEY,
-    SpotDataModule,
-    make_patch_extractor,
-)
+from rankbygene.data import PatchExtractor
+from rankbygene.model._data import FEATURES_REGISTRY_KEY, SpotDataModule
 
 
 class TrainingMixin:
@@ -98,6 +95,7 @@ class TrainingMixin:
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1; got {n_views}.")
         adata = self.adata
+        image_settings = self.image_settings
         expression = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         patches = None
         features = None
@@ -109,8 +107,12 @@ class TrainingMixin:
         elif self.module.freeze_backbone:
             features, valid = self._frozen_features(adata, out_of_bounds, n_views)
         else:
-            patches = make_patch_extractor(
-                self, adata, cache=cache, cache_dir=cache_dir, out_of_bounds=out_of_bounds
+            patches = PatchExtractor.from_settings(
+                adata,
+                image_settings,
+                cache=cache,
+                cache_dir=cache_dir,
+                out_of_bounds=out_of_bounds,
             )
             valid = patches.valid
         data_module = SpotDataModule(
@@ -118,8 +120,8 @@ class TrainingMixin:
             expression=expression,
             patches=patches,
             features=features,
-            mean=self.image_mean,
-            std=self.image_std,
+            mean=image_settings.mean,
+            std=image_settings.std,
             train_size=train_size,
             validation_size=validation_size,
             batch_size=batch_size,
@@ -175,7 +177,10 @@ class TrainingMixin:
         self, adata: AnnData, out_of_bounds: str, n_views: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Backbone features of every usable spot, plain and augmented views, computed once."""
-        valid = make_patch_extractor(self, adata, out_of_bounds=out_of_bounds).valid
+        patches = PatchExtractor.from_settings(
+            adata, self.image_settings, out_of_bounds=out_of_bounds
+        )
+        valid = patches.valid
         spots = np.flatnonzero(valid)
         features = np.zeros((adata.n_obs, n_views, self.module.n_features), dtype=np.float32)
         for view in range(n_views):
