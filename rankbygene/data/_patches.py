@@ -226,12 +226,9 @@ class PatchExtractor:
         --------
         >>> patches = PatchExtractor.from_settings(adata, model.image_settings)  # doctest: +SKIP
         """
-        default = settings.library_key
-        if library_key is None and default is not None and default in adata.obs:
-            library_key = default
         return cls(
             adata,
-            library_key=library_key,
+            library_key=settings.library_column(adata, library_key),
             spatial_key=settings.spatial_key,
             image_key=settings.image_key,
             patch_scale=settings.patch_scale,

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from anndata import AnnData
 
 from rankbygene._constants import SPATIAL_KEY
 
@@ -78,3 +79,22 @@ class ImageSettings:
     def uses_features(self) -> bool:
         """Whether precomputed features (``obsm[features_key]``) replace the patches."""
         return self.features_key is not None
+
+    def library_column(self, adata: AnnData, library_key: str | None = None) -> str | None:
+        """The ``obs`` column of libraries to use for ``adata``.
+
+        ``library_key`` when given; else the model's ``library_key`` where ``adata.obs`` has it
+        (an AnnData of one library, a query, may lack it); else ``None``.
+
+        Examples
+        --------
+        >>> import anndata as ad, numpy as np, pandas as pd
+        >>> settings = ImageSettings(library_key="library_id")
+        >>> settings.library_column(ad.AnnData(np.zeros((2, 2))))  # no such column: None
+        >>> obs = pd.DataFrame({"library_id": ["a", "b"]}, index=["s0", "s1"])
+        >>> settings.library_column(ad.AnnData(np.zeros((2, 2)), obs=obs))
+        'library_id'
+        """
+        if library_key is None and self.library_key is not None and self.library_key in adata.obs:
+            return self.library_key
+        return library_key

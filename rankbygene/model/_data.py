@@ -31,8 +31,9 @@ class SpotDataModule(pl.LightningDataModule):
     """Random split of spots into train/validation loaders (scvi-tools' DataSplitter contract).
 
     The training loader gives the strong and weak views of each patch; validation gives the
-    un-augmented patch once (the module uses it for student and teacher). Batches drop their last incomplete batch in training, because
-    in-batch negatives and rankings need full batches (and DDP equal ones).
+    un-augmented patch once (the module uses it for student and teacher). Batches drop their
+    last incomplete batch in training, because in-batch negatives and rankings need full
+    batches (and DDP equal ones).
     """
 
     def __init__(

@@ -204,8 +204,7 @@ class PredictionMixin:
 
     def _libraries(self, adata: AnnData, library_key: str | None) -> np.ndarray:
         """Each spot's library: ``library_key``, else the setup key where ``adata`` has it."""
-        if library_key is None and self.library_key is not None and self.library_key in adata.obs:
-            library_key = self.library_key
+        library_key = self.image_settings.library_column(adata, library_key)
         if library_key is None and len(adata.uns.get(SPATIAL_KEY, {})) > 1:
             return np.zeros(adata.n_obs, dtype=str)  # unknown: one group, no library-wise CV
         return spot_libraries(adata, library_key)
