@@ -138,7 +138,7 @@ SCVI_TRAINING_EXCEPTION_PRINT = "Exception raised during training."
 #: (category, emitting module) of third-party warnings raised on import that say nothing about
 #: the user's code: docrep's complaints about squidpy's docstrings.
 QUIET_IMPORT_WARNINGS = ((SyntaxWarning, r"docrep(\.|$)"),)
-#: (category, emitting module) of third-party warnings the command line drops while it runs:
+#: (category, emitting module) of third-party warnings the command line and ``train()`` drop:
 #: Lightning 2.6 calling an API that PyTorch deprecated.
 QUIET_RUN_WARNINGS = ((FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),)
 

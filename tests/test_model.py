@@ -203,6 +203,18 @@ def test_batch_size_larger_than_the_data(small):
     assert not model.is_trained_
 
 
+def test_training_shows_no_third_party_deprecation_warnings(small):
+    """Lightning's own use of a deprecated PyTorch API is nothing a user can act on."""
+    import warnings
+
+    model = _tiny_model(small)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train(max_epochs=1, batch_size=16)
+    foreign = [w for w in caught if "_pytree" in w.filename or "LeafSpec" in str(w.message)]
+    assert not foreign, [str(w.message) for w in foreign]
+
+
 def test_history_has_every_term_for_train_and_validation(trained_synthetic):
     history = trained_synthetic.model.history
     epochs = trained_synthetic.epochs

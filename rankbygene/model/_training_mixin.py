@@ -12,6 +12,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 from scvi.train import TrainRunner
 
+from rankbygene._constants import QUIET_RUN_WARNINGS
 from rankbygene._logging import (
     logger,
     quiet_lightning_tips,
@@ -159,6 +160,8 @@ class TrainingMixin:
                 # the EMA teacher is in eval mode on purpose; losses are logged per epoch
                 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
                 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+                for category, module in QUIET_RUN_WARNINGS:  # nothing a user can act on
+                    warnings.filterwarnings("ignore", category=category, module=module)
                 runner()
         except (KeyboardInterrupt, SystemExit):
             epoch = plan.restore_best()
