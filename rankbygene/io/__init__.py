@@ -53,6 +53,11 @@ with :func:`to_spatialdata`::
     adata = from_spatialdata(sdata, table_key="table")
     ...
     to_spatialdata(adata, sdata)  # obsm, layers and uns["rankbygene"] into sdata["table"]
+
+**WSIData** slides (``wsidata``/LazySlide, the ``wsi`` extra) are read through their own reader
+by :class:`WSIDataImage`; :func:`rankbygene.pp.tile_slide` takes a ``WSIData`` and its tile
+tables, and :class:`rankbygene.model.FeatureExtractor` embeds its tiles with
+``lazyslide.tl.feature_extraction``.
 """
 
 from rankbygene.io._hest import read_hest
@@ -67,6 +72,7 @@ from rankbygene.io._image import (
 from rankbygene.io._pyramid import write_pyramidal_tiff
 from rankbygene.io._spatialdata import from_spatialdata, to_spatialdata
 from rankbygene.io._st import infer_spot_diameter, read_st
+from rankbygene.io._wsidata import WSIDataImage
 
 __all__ = [
     "ArrayImage",
@@ -74,6 +80,7 @@ __all__ = [
     "OpenSlideImage",
     "PILImage",
     "TiffImage",
+    "WSIDataImage",
     "from_spatialdata",
     "infer_spot_diameter",
     "open_image",

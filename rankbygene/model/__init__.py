@@ -2,6 +2,7 @@
 
 from rankbygene.model._data import inference_loader_settings
 from rankbygene.model._encoders import Backbone, ProjectionHead, create_backbone
+from rankbygene.model._feature_extractor import FeatureExtractor
 from rankbygene.model._model import RankByGene
 from rankbygene.model._module import RankByGeneModule
 from rankbygene.model._packaged_weights import (
@@ -15,6 +16,7 @@ from rankbygene.model._training_plan import RankByGeneTrainingPlan
 __all__ = [
     "PACKAGED_WEIGHTS",
     "Backbone",
+    "FeatureExtractor",
     "PackagedWeights",
     "ProjectionHead",
     "RankByGene",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ from rankbygene._constants import (
 from rankbygene._layout import scaled_size, shrink, spatial_entry, thumbnails
 from rankbygene._logging import logger
 from rankbygene.io._image import ImageReader, PILImage, open_image, resize
+from rankbygene.io._wsidata import WSIDataImage, is_wsidata
 
 __all__ = ["tile_slide", "tissue_mask"]
 
@@ -45,7 +46,7 @@ _LOWRES_MAX_SIDE = 600  # as Visium's tissue_lowres_image
 
 
 def tile_slide(
-    path: str | Path,
+    path: str | Path | Any,
     tile_size_um: float = 112.0,
     mpp: float | None = None,
     level: int | None = None,
@@ -56,6 +57,7 @@ def tile_slide(
     mask_mpp: float = 8.0,
     thumbnail_size: int = 2000,
     backend: Literal["auto", "pil", "tifffile", "openslide"] = "auto",
+    tile_key: str | None = None,
 ) -> AnnData:
     """Tile the tissue of a whole-slide image into an AnnData of tiles (squidpy spatial layout).
 
@@ -71,6 +73,9 @@ def tile_slide(
     path
         The slide: a pyramidal TIFF, OME-TIFF or SVS (tifffile), an ``.ndpi``/``.mrxs``/... slide
         (OpenSlide, with the ``openslide`` extra), or a plain JPEG/PNG/TIFF with ``mpp`` given.
+        Or a :class:`wsidata.WSIData` (LazySlide's slide, with the ``wsi`` extra): the thumbnail
+        is read through its reader (:class:`~rankbygene.io.WSIDataImage`) and the tiles' pixels
+        later from its file (``wsi.reader.file``) by the package's readers.
     tile_size_um
         Tile side in microns (112 um, i.e. 224 px at 0.5 um/px, as HEST-1k patches).
     mpp
@@ -98,7 +103,13 @@ def tile_slide(
     thumbnail_size
         Longest side of the ``"hires"`` image kept in ``uns`` (the ``"lowres"`` one has 600).
     backend
-        Reader backend of :func:`rankbygene.io.open_image`.
+        Reader backend of :func:`rankbygene.io.open_image` (unused for a ``WSIData``).
+    tile_key
+        With a ``WSIData`` only: take the tiles of its tile table ``wsi.shapes[tile_key]`` (e.g.
+        ``"tiles"`` from ``lazyslide.pp.tile_tissues``, square tiles) instead of the package's
+        grid; ``tile_size_um``, ``stride_um`` and ``tissue_threshold`` are then unused, every
+        tile of the table is kept in its order, and ``obs`` also has the table's ``tile_id`` and
+        ``tissue_id``. ``tissue_fraction`` is still the package's (Otsu on saturation).
 
     Returns
     -------
@@ -129,12 +140,35 @@ def tile_slide(
     >>> predicted = model.predict_expression(tiles)  # doctest: +SKIP
     >>> import squidpy as sq
     >>> sq.pl.spatial_scatter(predicted, color="ERBB2", shape="square")  # doctest: +SKIP
+
+    A LazySlide ``WSIData``, tiled by the package or with LazySlide's tiles:
+
+    >>> import lazyslide as zs
+    >>> wsi = zs.open_wsi("slide.svs", store=None)  # doctest: +SKIP
+    >>> tiles = rbg.pp.tile_slide(wsi, tile_size_um=112)  # doctest: +SKIP
+    >>> zs.pp.find_tissues(wsi)  # doctest: +SKIP
+    >>> zs.pp.tile_tissues(wsi, 224, mpp=0.5)  # doctest: +SKIP
+    >>> tiles = rbg.pp.tile_slide(wsi, tile_key="tiles")  # doctest: +SKIP
     """
     _check_tile_args(tile_size_um, mpp, tissue_threshold, stride_um, min_saturation, thumbnail_size)
     if not (isinstance(mask_mpp, int | float) and math.isfinite(mask_mpp) and mask_mpp > 0):
         raise ValueError(f"mask_mpp must be a positive number; got {mask_mpp!r}.")
-    path = Path(path)
-    reader = open_slide(path, mpp=mpp, backend=backend)
+    boxes = None
+    if is_wsidata(path):
+        reader = WSIDataImage(path, mpp=mpp)
+        if reader.path is None:
+            raise ValueError(
+                "This WSIData has no slide file (it was made from a SpatialData image): the "
+                "tiles' pixels are read from a file; open the slide with wsidata.open_wsi(path)."
+            )
+        _check_mpp(reader, reader.path)
+        boxes = None if tile_key is None else table_boxes(path, tile_key)
+        path = reader.path
+    elif tile_key is not None:
+        raise ValueError(f"tile_key is for a wsidata.WSIData; got a {type(path).__name__}.")
+    else:
+        path = Path(path)
+        reader = open_slide(path, mpp=mpp, backend=backend)
     try:
         return _tile(
             reader,
@@ -147,6 +181,7 @@ def tile_slide(
             min_saturation,
             mask_mpp,
             thumbnail_size,
+            boxes=boxes,
         )
     finally:
         reader.close()
@@ -168,15 +203,22 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto"
         reader = open_image(path, backend=backend, mpp=mpp)
     except (ValueError, OSError) as err:
         raise ValueError(f"Could not open slide {path}: {err}") from err
+    try:
+        _check_mpp(reader, path)
+    except ValueError:
+        reader.close()
+        raise
+    return reader
+
+
+def _check_mpp(reader: ImageReader, path: Path) -> None:
     if reader.mpp is None or not (np.isfinite(reader.mpp) and reader.mpp > 0):
         found = reader.mpp
-        reader.close()
         what = "no microns per pixel" if found is None else f"an invalid microns per pixel {found}"
         raise ValueError(
             f"Slide {path} has {what} (no MPP in its description, no resolution tags or "
             "OpenSlide mpp-x): pass mpp=, the microns per full-resolution pixel."
         )
-    return reader
 
 
 def slide_id(path: str | Path) -> str:
@@ -199,9 +241,12 @@ def _tile(
     min_saturation: float,
     mask_mpp: float,
     thumbnail_size: int,
+    boxes: TileBoxes | None = None,
 ) -> AnnData:
     height, width = reader.shape
     mpp = float(reader.mpp)
+    if boxes is not None:
+        tile_size_um, stride_um = boxes.side * mpp, boxes.stride * mpp
     side = int(round(tile_size_um / mpp))
     stride = side if stride_um is None else int(round(stride_um / mpp))
     if side < 1 or stride < 1:
@@ -227,14 +272,20 @@ def _tile(
     thumb = read_thumbnail(reader, max(mask_scale, hires_scale))
     mask_image = shrink(thumb, scaled_size((height, width), mask_scale))
     mask, threshold = tissue_mask(mask_image, min_saturation=min_saturation)
-    if not mask.any():
+    if boxes is None and not mask.any():
         raise ValueError(
             f"No tissue found in slide {path}: no pixel of its thumbnail is more saturated than "
             f"{threshold:.3f} (Otsu's threshold, at least min_saturation={min_saturation})."
         )
-    rows, cols, x0, y0 = _grid(height, width, side, stride)
-    fraction = _tile_fractions(mask, x0, y0, side, (height, width))
-    keep = fraction >= tissue_threshold
+    if boxes is not None:
+        rows, cols, x0, y0 = boxes.rows, boxes.cols, boxes.x0, boxes.y0
+        fraction = _tile_fractions(mask, x0, y0, side, (height, width))
+        keep = np.ones(len(x0), dtype=bool)
+        tissue_threshold = 0.0
+    else:
+        rows, cols, x0, y0 = _grid(height, width, side, stride)
+        fraction = _tile_fractions(mask, x0, y0, side, (height, width))
+        keep = fraction >= tissue_threshold
     if not keep.any():
         raise ValueError(
             f"No tile of slide {path} has tissue_threshold={tissue_threshold} of its area on "
@@ -256,6 +307,10 @@ def _tile(
         },
         index=pd.Index([f"{library_id}_{r}x{c}" for r, c in zip(rows, cols, strict=True)]),
     )
+    if boxes is not None:
+        for column, values in boxes.columns.items():
+            obs[column] = values
+        obs.index = pd.Index([f"{library_id}_{i}" for i in boxes.names])
     adata = AnnData(obs=obs, obsm={SPATIAL_KEY: centres})
     metadata = {
         METADATA_SOURCE_IMAGE: str(path.resolve()),
@@ -265,7 +320,8 @@ def _tile(
         METADATA_STRIDE_PX: int(stride),
         METADATA_TISSUE_THRESHOLD: float(tissue_threshold),
         METADATA_SATURATION_THRESHOLD: float(threshold),
-        METADATA_SOURCE: "rankbygene.pp.tile_slide",
+        METADATA_SOURCE: "rankbygene.pp.tile_slide"
+        + ("" if boxes is None else f" (wsidata tiles {boxes.key!r})"),
     }
     adata.uns[SPATIAL_KEY] = {library_id: spatial_entry(images, side, metadata)}
     logger.info(
@@ -273,6 +329,73 @@ def _tile(
         f"with at least {tissue_threshold:.0%} tissue; {mask.mean():.1%} of the slide is tissue"
     )
     return adata
+
+
+class TileBoxes(NamedTuple):
+    """Square tiles given by a tile table: grid positions, top-left corners, side and stride."""
+
+    key: str
+    rows: np.ndarray
+    cols: np.ndarray
+    x0: np.ndarray
+    y0: np.ndarray
+    side: int
+    stride: int
+    names: np.ndarray
+    columns: dict[str, np.ndarray]
+
+
+def table_boxes(wsi: Any, tile_key: str) -> TileBoxes:
+    """The square tiles of a WSIData's tile table ``wsi.shapes[tile_key]`` in level-0 pixels.
+
+    Parameters
+    ----------
+    wsi
+        A :class:`wsidata.WSIData`.
+    tile_key
+        Its tile table, e.g. ``"tiles"`` from ``lazyslide.pp.tile_tissues``.
+
+    Returns
+    -------
+    :class:`TileBoxes`: grid rows and columns (from the tiles' corners and the stride), corners,
+    side and stride (the table's ``TileSpec`` when it has one), names (``tile_id`` or position)
+    and the ``tile_id``/``tissue_id`` columns.
+
+    Examples
+    --------
+    >>> from rankbygene.pp._tile import table_boxes
+    >>> boxes = table_boxes(wsi, "tiles")  # doctest: +SKIP
+    >>> boxes.side, len(boxes.x0)  # doctest: +SKIP
+    (224, 1830)
+    """
+    if tile_key not in wsi.shapes:
+        found = ", ".join(map(repr, wsi.shapes)) or "none"
+        raise KeyError(
+            f"The WSIData has no tile table {tile_key!r} (shapes: {found}); run "
+            "lazyslide.pp.tile_tissues(wsi, ...) first or pass tile_key=None."
+        )
+    table = wsi.shapes[tile_key]
+    if len(table) == 0:
+        raise ValueError(f"The WSIData's tile table {tile_key!r} has no tiles.")
+    bounds = table.bounds[["minx", "miny", "maxx", "maxy"]].to_numpy(dtype=np.float64)
+    x0, y0 = np.round(bounds[:, 0]).astype(np.int64), np.round(bounds[:, 1]).astype(np.int64)
+    widths = np.round(bounds[:, 2] - bounds[:, 0]).astype(np.int64)
+    heights = np.round(bounds[:, 3] - bounds[:, 1]).astype(np.int64)
+    side = int(widths[0])
+    if not ((widths == side).all() and (heights == side).all()) or side < 1:
+        raise ValueError(
+            f"The tiles of {tile_key!r} are not squares of one size (widths {widths.min()}.."
+            f"{widths.max()}, heights {heights.min()}..{heights.max()} px): the package's tiles "
+            "are square."
+        )
+    spec = wsi.tile_spec(tile_key)
+    stride = side if spec is None else int(round(spec.base_stride_width))
+    stride = max(stride, 1)
+    rows = (y0 - y0.min()) // stride
+    cols = (x0 - x0.min()) // stride
+    columns = {c: table[c].to_numpy() for c in ("tile_id", "tissue_id") if c in table.columns}
+    names = columns.get("tile_id", np.arange(len(table)))
+    return TileBoxes(tile_key, rows, cols, x0, y0, side, stride, np.asarray(names), columns)
 
 
 def read_thumbnail(reader: ImageReader, scale: float) -> np.ndarray:
