@@ -24,6 +24,24 @@ bare forward
 read + resize + normalise
     The rest of the 0-worker run: what the pipeline adds to the bare forward.
 
+Library rows (``wsidata``/``lazyslide``/``tiffslide``, the ``wsi`` extra; left out when missing):
+
+tile_slide on WSIData
+    ``rbg.pp.tile_slide(wsidata.open_wsi(path, reader="tiffslide"))``: the package's tiler
+    reading the slide through wsidata's TiffSlide reader.
+LazySlide find_tissues + tile_tissues
+    LazySlide's tissue detection and tiling (tiles of the same side at level 0, kept with at
+    least half of their area on tissue, as ``tile_slide``), from opening the slide.
+reader: rankbygene / wsidata tiffslide / wsidata openslide
+    Reading the same level-0 tiles (the first ``--max-tiles`` of ``tile_slide``'s grid, in its
+    order) with the package's reader (``TiffImage.read_region``) and wsidata's readers
+    (``reader.get_region``). OpenSlide does not see pyramid levels kept in SubIFDs (the mosaic
+    has them): it opens the slide as one level.
+LazySlide feature_extraction
+    ``lazyslide.tl.feature_extraction(wsi, rbg.model.FeatureExtractor(model))`` on LazySlide's
+    tiles of the same side in microns, read at the coarsest level that suffices (``tile_tissues``
+    with ``mpp``), the same batch size and 0 workers.
+
 The ratio column is the method's throughput over the bare forward's (1.0: I/O costs nothing).
 
 Usage::
@@ -31,6 +49,7 @@ Usage::
     python benchmarks/wsi.py                            # resnet18, input 32, CPU, >= 50k tiles
     python benchmarks/wsi.py --input-size 224 --encoder resnet50 --device cuda --workers 0 4 8
     python benchmarks/wsi.py --slide /data/big.svs --tile-um 112   # a real slide instead
+    python benchmarks/wsi.py --max-tiles 5000 --workers 0          # short: embed/read 5000 tiles
 """
 
 from __future__ import annotations
@@ -156,13 +175,64 @@ def worker(method: str, spec: dict[str, Any]) -> dict[str, Any]:
     base = _maxrss_mb()
     tile_args = {"tile_size_um": spec["tile_um"], "mpp": spec["mpp"]}
     children = forward_seconds = chosen = None
+    limit = spec.get("max_tiles")
     start = time.perf_counter()
     if method == "tile":
         n = rbg.pp.tile_slide(spec["slide"], **tile_args).n_obs
+    elif method == "tile_wsi":
+        n = rbg.pp.tile_slide(_open_wsi(spec, "tiffslide"), **tile_args).n_obs
+    elif method == "zs_tile":
+        import lazyslide as zs
+
+        wsi = _open_wsi(spec, "tiffslide")
+        zs.pp.find_tissues(wsi)
+        side = int(round(spec["tile_um"] / wsi.properties.mpp))
+        zs.pp.tile_tissues(wsi, side, background_fraction=0.5)
+        n = len(wsi.shapes["tiles"])
+    elif method.startswith("read_"):
+        # the tiles' corners were written by the driver: this process's peak is the reads'
+        corners = np.load(spec["corners"])
+        side = int(corners[0, 2])
+        if method == "read_rbg":
+            reader = rbg.io.open_image(spec["slide"], mpp=spec["mpp"])
+            read = lambda x, y: reader.read_region(x, y, side, side)  # noqa: E731
+        else:
+            wsi = _open_wsi(spec, method.split("_")[1])
+            read = lambda x, y: wsi.reader.get_region(x, y, side, side, level=0)  # noqa: E731
+        start = time.perf_counter()
+        checksum = 0
+        for x, y, _ in corners:
+            checksum += int(read(int(x), int(y))[side // 2, side // 2, 0])
+        n = len(corners)
+    elif method == "zs_embed":
+        import lazyslide as zs
+        from spatialdata.models import ShapesModel
+
+        wsi = _open_wsi(spec, "tiffslide")
+        zs.pp.find_tissues(wsi)
+        # tiles of tile_um microns at the encoder's input size: read from the coarsest level
+        size = spec["input_size"]
+        zs.pp.tile_tissues(wsi, size, mpp=spec["tile_um"] / size, background_fraction=0.5)
+        if limit is not None:
+            wsi.shapes["tiles"] = ShapesModel.parse(wsi.shapes["tiles"].iloc[:limit])
+        extractor = rbg.model.FeatureExtractor(model)
+        start = time.perf_counter()
+        features = zs.tl.feature_extraction(
+            wsi,
+            extractor,
+            batch_size=spec["batch_size"],
+            num_workers=0,
+            pbar=False,
+            device=spec["device"],
+            return_features=True,
+        )
+        n = len(features)
     elif method.startswith("embed"):
         workers = None if method == "embed_default" else int(method.split("_")[1])
         forward_seconds = _time_forward(model.module, torch.device(spec["device"]))
         tiles = rbg.pp.tile_slide(spec["slide"], **tile_args)
+        if limit is not None:
+            tiles = tiles[:limit].copy()
         loader = {"batch_size": spec["batch_size"], "num_workers": workers}
         if workers is None:
             loader = rbg.model.inference_loader_settings(tiles.n_obs, None, None, model.device)
@@ -207,6 +277,22 @@ def _time_forward(module: Any, device: Any) -> list[float]:
     return total
 
 
+def _open_wsi(spec: dict[str, Any], reader: str) -> Any:
+    import wsidata
+
+    wsi = wsidata.open_wsi(spec["slide"], store=None, reader=reader)
+    if spec["mpp"] is not None:
+        wsi.set_mpp(spec["mpp"])
+    return wsi
+
+
+def has_wsi_libraries() -> bool:
+    """Whether wsidata, lazyslide and tiffslide are installed (the ``wsi`` extra)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("wsidata", "lazyslide", "tiffslide"))
+
+
 def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
@@ -226,6 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--max-tiles",
+        type=int,
+        default=None,
+        help="embed and read only the first N tiles (default: all); tiling is whole-slide",
+    )
+    parser.add_argument(
+        "--no-library",
+        action="store_true",
+        help="leave out the wsidata/LazySlide rows (they need the wsi extra)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -261,18 +358,46 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "device": args.device,
             "threads": args.threads,
+            "max_tiles": args.max_tiles,
         }
         workers = [0] + [w for w in args.workers if w != 0]
+        methods = ["tile"] + [f"embed_{w}" for w in workers] + ["embed_default"]
+        library = not args.no_library and has_wsi_libraries()
+        if library:
+            methods[1:1] = ["tile_wsi", "zs_tile", "read_rbg", "read_tiffslide", "read_openslide"]
+            methods.append("zs_embed")
+        elif not args.no_library:
+            print(
+                "wsidata, lazyslide or tiffslide missing (pip install 'rankbygene[wsi]'): "
+                "no library rows."
+            )
+        if library:
+            spec["corners"] = write_corners(spec, Path(tmp) / "corners.npy")
         results = {}
-        for method in ["tile"] + [f"embed_{w}" for w in workers] + ["embed_default"]:
+        for method in methods:
             result = run_subprocess(method, spec)
             if result is None:
                 return 1
             results[method] = result
         print_table(results, spec)
+        if library:
+            print_formats()
         if args.slide is None and results["tile"]["n"] < 50_000:
             print(f"\nonly {results['tile']['n']} tiles: pass larger --cells for 50,000 or more.")
     return 0
+
+
+def write_corners(spec: dict[str, Any], path: Path) -> str:
+    """Top-left corners and side of the first ``max_tiles`` tiles of ``tile_slide``'s grid."""
+    sys.path.insert(0, str(REPO))
+    import rankbygene as rbg
+
+    tiles = rbg.pp.tile_slide(spec["slide"], tile_size_um=spec["tile_um"], mpp=spec["mpp"])
+    library = tiles.obs["library_id"].iloc[0]
+    side = int(tiles.uns["spatial"][library]["scalefactors"]["spot_diameter_fullres"])
+    corners = (tiles.obsm["spatial"][: spec["max_tiles"]] - side / 2).astype(np.int64)
+    np.save(path, np.column_stack([corners, np.full(len(corners), side)]))
+    return str(path)
 
 
 def run_subprocess(method: str, spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -293,9 +418,37 @@ def label(method: str) -> str:
         return "rbg embed, defaults"
     if method.startswith("embed"):
         return f"rbg embed, {method.split('_')[1]} workers"
-    return {"tile": "tile_slide", "forward": "bare forward", "rest": "read + resize + normalise"}[
-        method
-    ]
+    return {
+        "tile": "tile_slide",
+        "forward": "bare forward",
+        "rest": "read + resize + normalise",
+        "tile_wsi": "tile_slide on WSIData",
+        "zs_tile": "LazySlide tissue + tiles",
+        "read_rbg": "reader: rankbygene",
+        "read_tiffslide": "reader: wsidata tiffslide",
+        "read_openslide": "reader: wsidata openslide",
+        "zs_embed": "LazySlide embed, 0 workers",
+    }[method]
+
+
+def print_formats() -> None:
+    """The file formats each reader opens (by extension)."""
+    import wsidata
+
+    print("\nformats (by extension):")
+    print(
+        "  rankbygene: tifffile .tif .tiff .svs .btf .ome.tif(f) .qptiff (pyramids in pages or "
+        "SubIFDs); OpenSlide (openslide extra) .ndpi .mrxs .vms .vmu .scn .bif .svslide; PIL "
+        "JPEG/PNG/other images; in-memory and lazy (dask/zarr) arrays"
+    )
+    for name in ("tiffslide", "openslide", "bioformats", "pylibczi", "isyntax", "cucim"):
+        try:
+            reader = wsidata.READERS[name]
+        except KeyError:
+            continue
+        here = "installed" if reader.is_available() else "not installed"
+        extensions = " ".join(reader.extensions or ()) or "any (tried by content)"
+        print(f"  wsidata {name} ({here}): {extensions}")
 
 
 def print_table(results: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -341,6 +494,13 @@ def print_table(results: dict[str, Any], spec: dict[str, Any]) -> None:
         "process's maximum resident memory; over base: above its RSS after imports and building "
         "the model; workers MB: the largest DataLoader worker's peak RSS."
     )
+    if "zs_tile" in results:
+        print(
+            "Library rows: tile_slide on WSIData and LazySlide tissue + tiles tile the whole "
+            "slide (tiles found per second); reader rows read the same level-0 tiles (the first "
+            "--max-tiles of tile_slide's grid); LazySlide embed runs the package's encoder as a "
+            "LazySlide feature extractor on LazySlide's tiles of the same size in microns."
+        )
 
 
 if __name__ == "__main__":
