@@ -119,17 +119,18 @@ class FeatureExtractor(nn.Module):
                 "This model was trained on precomputed features (features_key): it has no image "
                 "encoder to extract features from tiles with."
             )
-        if model.patch_scale != 1.0:
+        settings = model.image_settings
+        if settings.patch_scale != 1.0:
             logger.warning(
-                f"The model reads patches {model.patch_scale:g} times the spot; LazySlide hands "
-                "it the tiles only, so its features differ from get_image_representation's."
+                f"The model reads patches {settings.patch_scale:g} times the spot; LazySlide "
+                "hands it the tiles only, so its features differ from get_image_representation's."
             )
         self.model = module
         self.kind = kind
         self.name = str(name)
-        self.input_size = int(model.input_size)
-        self.mean = tuple(model.image_mean) if model.image_mean is not None else None
-        self.std = tuple(model.image_std) if model.image_std is not None else None
+        self.input_size = settings.patch_size
+        self.mean = settings.mean
+        self.std = settings.std
 
     def get_transform(self) -> TileTransform:
         """The per-tile transform LazySlide applies before batching (resize and normalise)."""
