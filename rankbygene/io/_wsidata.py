@@ -10,13 +10,13 @@ extra (``pip install 'rankbygene[wsi]'``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from rankbygene.io._image import ImageReader, as_rgb_uint8
 
-__all__ = ["WSIDataImage", "is_wsidata", "require_wsidata"]
+__all__ = ["TileBoxes", "WSIDataImage", "is_wsidata", "require_wsidata", "table_boxes"]
 
 WSI_EXTRA_HINT = "pip install 'rankbygene[wsi]'"
 
@@ -106,3 +106,70 @@ class WSIDataImage(ImageReader):
 
     def close(self) -> None:
         """Leave the WSIData open: it belongs to the caller."""
+
+
+class TileBoxes(NamedTuple):
+    """Square tiles given by a tile table: grid positions, top-left corners, side and stride."""
+
+    key: str
+    rows: np.ndarray
+    cols: np.ndarray
+    x0: np.ndarray
+    y0: np.ndarray
+    side: int
+    stride: int
+    names: np.ndarray
+    columns: dict[str, np.ndarray]
+
+
+def table_boxes(wsi: Any, tile_key: str) -> TileBoxes:
+    """The square tiles of a WSIData's tile table ``wsi.shapes[tile_key]`` in level-0 pixels.
+
+    Parameters
+    ----------
+    wsi
+        A :class:`wsidata.WSIData`.
+    tile_key
+        Its tile table, e.g. ``"tiles"`` from ``lazyslide.pp.tile_tissues``.
+
+    Returns
+    -------
+    :class:`TileBoxes`: grid rows and columns (from the tiles' corners and the stride), corners,
+    side and stride (the table's ``TileSpec`` when it has one), names (``tile_id`` or position)
+    and the ``tile_id``/``tissue_id`` columns.
+
+    Examples
+    --------
+    >>> from rankbygene.io._wsidata import table_boxes
+    >>> boxes = table_boxes(wsi, "tiles")  # doctest: +SKIP
+    >>> boxes.side, len(boxes.x0)  # doctest: +SKIP
+    (224, 1830)
+    """
+    if tile_key not in wsi.shapes:
+        found = ", ".join(map(repr, wsi.shapes)) or "none"
+        raise KeyError(
+            f"The WSIData has no tile table {tile_key!r} (shapes: {found}); run "
+            "lazyslide.pp.tile_tissues(wsi, ...) first or pass tile_key=None."
+        )
+    table = wsi.shapes[tile_key]
+    if len(table) == 0:
+        raise ValueError(f"The WSIData's tile table {tile_key!r} has no tiles.")
+    bounds = table.bounds[["minx", "miny", "maxx", "maxy"]].to_numpy(dtype=np.float64)
+    x0, y0 = np.round(bounds[:, 0]).astype(np.int64), np.round(bounds[:, 1]).astype(np.int64)
+    widths = np.round(bounds[:, 2] - bounds[:, 0]).astype(np.int64)
+    heights = np.round(bounds[:, 3] - bounds[:, 1]).astype(np.int64)
+    side = int(widths[0])
+    if not ((widths == side).all() and (heights == side).all()) or side < 1:
+        raise ValueError(
+            f"The tiles of {tile_key!r} are not squares of one size (widths {widths.min()}.."
+            f"{widths.max()}, heights {heights.min()}..{heights.max()} px): the package's tiles "
+            "are square."
+        )
+    spec = wsi.tile_spec(tile_key)
+    stride = side if spec is None else int(round(spec.base_stride_width))
+    stride = max(stride, 1)
+    rows = (y0 - y0.min()) // stride
+    cols = (x0 - x0.min()) // stride
+    columns = {c: table[c].to_numpy() for c in ("tile_id", "tissue_id") if c in table.columns}
+    names = columns.get("tile_id", np.arange(len(table)))
+    return TileBoxes(tile_key, rows, cols, x0, y0, side, stride, np.asarray(names), columns)
