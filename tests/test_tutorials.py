@@ -1,5 +1,6 @@
 """Every tutorial notebook runs from top to bottom (on offline data; HER2+ when present), and
-each notebook has the cells of its paired ``py:percent`` file (``tutorials/jupytext.toml``)."""
+each notebook has the cells of its paired ``py:percent`` file, ``tutorials/scripts/<name>.py``
+(``tutorials/jupytext.toml``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from conftest import HAS_HER2ST, HER2ST
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
+SCRIPTS = TUTORIALS / "scripts"
 NEEDS_HER2ST = {"her2st"}
 NAMES = sorted(p.stem for p in TUTORIALS.glob("*.ipynb"))
 
@@ -22,15 +24,24 @@ def _cells(path: Path) -> list[tuple[str, str]]:
 
 def test_every_tutorial_is_a_pair():
     assert NAMES
-    assert sorted(p.stem for p in TUTORIALS.glob("*.py")) == NAMES
-    assert "ipynb,py:percent" in (TUTORIALS / "jupytext.toml").read_text()
+    assert sorted(p.stem for p in SCRIPTS.glob("*.py")) == NAMES
+    assert "ipynb,scripts//py:percent" in (TUTORIALS / "jupytext.toml").read_text()
+
+
+def test_no_script_beside_the_notebooks():
+    # a notebook runs with its folder on sys.path: tutorials/spatialdata.py would be imported in
+    # place of the spatialdata package
+    assert not list(TUTORIALS.glob("*.py"))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_tutorial_notebook_matches_its_py_file(name):
-    """Edit the .py, then ``jupytext --sync tutorials/<name>.py``: the .ipynb follows."""
-    text, notebook = _cells(TUTORIALS / f"{name}.py"), _cells(TUTORIALS / f"{name}.ipynb")
-    assert text == notebook, f"tutorials/{name}.py and .ipynb differ: jupytext --sync {name}.py"
+    """Edit the .py, then ``jupytext --sync tutorials/scripts/<name>.py``: the .ipynb follows."""
+    text, notebook = _cells(SCRIPTS / f"{name}.py"), _cells(TUTORIALS / f"{name}.ipynb")
+    assert text == notebook, (
+        f"tutorials/scripts/{name}.py and tutorials/{name}.ipynb differ: "
+        f"jupytext --sync tutorials/scripts/{name}.py"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(NEEDS_HER2ST))

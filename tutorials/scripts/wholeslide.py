@@ -86,7 +86,7 @@ sq.pl.spatial_scatter(
 )
 
 # %%
-sq.gr.spatial_neighbors(predicted, coord_type="grid", n_neighs=8)
+sq.gr.spatial_neighbors_grid(predicted, n_neighs=8)
 sq.gr.spatial_autocorr(predicted, mode="moran", layer="rankbygene_predicted", genes=drivers)
 predicted.uns["moranI"][["I", "pval_norm"]]
 

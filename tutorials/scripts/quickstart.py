@@ -124,7 +124,7 @@ rbg.pl.rank_consistency(test, n_neighbors=60)
 # Predicted genes and embedding dimensions are ordinary AnnData fields, so squidpy takes them.
 
 # %%
-sq.gr.spatial_neighbors(test, coord_type="grid", n_neighs=6)
+sq.gr.spatial_neighbors_grid(test, n_neighs=6)
 sq.gr.spatial_autocorr(test, layer="rankbygene_predicted", genes=best, n_perms=None, n_jobs=1)
 test.uns["moranI"]
 

@@ -92,7 +92,7 @@ rbg.pl.expression_maps(test, genes)
 # squidpy, on the predicted layer and on the observed counts.
 
 # %%
-sq.gr.spatial_neighbors(test)
+sq.gr.spatial_neighbors_grid(test, n_neighs=4)  # ST spots: a square lattice
 sq.gr.spatial_autocorr(test, layer="rankbygene_predicted", genes=genes, n_perms=None, n_jobs=1)
 predicted_moran = test.uns["moranI"]["I"].rename("predicted")
 sq.gr.spatial_autocorr(test, layer="counts", genes=genes, n_perms=None, n_jobs=1)
