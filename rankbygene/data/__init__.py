@@ -1,9 +1,10 @@
-"""Patch pipeline: spot patches, their caches, augmentations, a torch Dataset, image settings."""
+"""Patch pipeline: spot patches, caches, augmentations, a torch Dataset, settings, statistics."""
 
 from rankbygene._constants import BATCH_KEYS, BatchKeys
 from rankbygene.data._dataset import SpotPatchDataset
 from rankbygene.data._patches import PatchExtractor
 from rankbygene.data._settings import ImageSettings
+from rankbygene.data._statistics import PatchStatistics, patch_statistics_tensor
 from rankbygene.data._transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -23,11 +24,13 @@ __all__ = [
     "BatchKeys",
     "ImageSettings",
     "PatchExtractor",
+    "PatchStatistics",
     "PatchTransform",
     "RandomHEDJitter",
     "RandomRot90",
     "SpotPatchDataset",
     "eval_transform",
+    "patch_statistics_tensor",
     "stain_transform",
     "strong_transform",
     "weak_transform",

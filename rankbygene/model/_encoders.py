@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankbygene.data._statistics import PatchStatistics
 from rankbygene.model._packaged_weights import (
     PACKAGE_SOURCE,
     PACKAGED_WEIGHTS,
@@ -97,6 +98,7 @@ def create_backbone(
     pretrained: bool | str | Path = False,
     input_size: int = 224,
     n_features: int | None = None,
+    patch_statistics: bool = False,
     **timm_kwargs,
 ) -> Backbone:
     """Build an image backbone, as timm's model factory does, and check it takes ``input_size``.
@@ -116,6 +118,9 @@ def create_backbone(
         Side of the square input images.
     n_features
         Output size of a user module (inferred with a dummy forward when ``None``).
+    patch_statistics
+        Append the patch's colour and texture statistics
+        (:data:`~rankbygene.tl.PATCH_STATISTICS`) to the encoder's features.
     **timm_kwargs
         Passed to :func:`timm.create_model`.
 
@@ -144,6 +149,10 @@ def create_backbone(
     found = _probe_features(module, input_size, name)
     if n_features is not None and n_features != found:
         raise ValueError(f"n_features={n_features} but {name} returns {found} features.")
+    if patch_statistics:
+        module = PatchStatistics(module, mean, std)
+        found += PatchStatistics.n_statistics
+        name = f"{name} + patch statistics"
     return Backbone(module, found, tuple(mean), tuple(std), name)
 
 

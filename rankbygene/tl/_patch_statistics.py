@@ -9,65 +9,9 @@ from anndata import AnnData
 
 from rankbygene._constants import PATCH_STATISTICS_KEY, SPATIAL_KEY
 from rankbygene._logging import logger
+from rankbygene.data._statistics import PATCH_STATISTICS, patch_statistics_tensor
 
 __all__ = ["PATCH_STATISTICS", "patch_statistics"]
-
-#: Names of the columns :func:`patch_statistics` computes, in order.
-PATCH_STATISTICS: tuple[str, ...] = (
-    *(f"{c}_mean" for c in "RGB"),
-    *(f"{c}_sd" for c in "RGB"),
-    *(f"{c}_mean" for c in ("hematoxylin", "eosin", "dab")),
-    *(f"{c}_sd" for c in ("hematoxylin", "eosin", "dab")),
-    "saturation_mean",
-    "saturation_sd",
-    "brightness_mean",
-    *(f"grey_q{q}" for q in (10, 50, 90)),
-    "gradient_mean",
-    "gradient_sd",
-    "laplacian_mean",
-    "background_fraction",
-    "nuclear_fraction",
-)
-
-
-#: Haematoxylin optical density above which a pixel counts as nuclear: about the 85th percentile
-#: of pixels in HER2+ ST sections and in the synthetic tissue (nuclei cover 10-20% of tissue).
-_NUCLEAR_HAEMATOXYLIN = 0.08
-
-
-def _statistics(patches: np.ndarray) -> np.ndarray:
-    """``(n, h, w, 3)`` uint8 patches -> ``(n, len(PATCH_STATISTICS))`` float32."""
-    from scipy import ndimage
-    from skimage.color import rgb2hed
-
-    rgb = patches.astype(np.float32) / 255.0
-    n = len(rgb)
-    flat = rgb.reshape(n, -1, 3)
-    hed = rgb2hed(rgb.reshape(-1, rgb.shape[2], 3)).reshape(n, -1, 3)  # colour deconvolution
-    top, bottom = flat.max(axis=2), flat.min(axis=2)
-    saturation = np.where(top > 0, (top - bottom) / np.maximum(top, 1e-6), 0.0)
-    grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    gradient = np.hypot(ndimage.sobel(grey, axis=1), ndimage.sobel(grey, axis=2)).reshape(n, -1)
-    laplacian = np.abs(ndimage.laplace(grey, mode="nearest")).reshape(n, -1)
-    grey = grey.reshape(n, -1)
-    nuclear = hed[..., 0] > _NUCLEAR_HAEMATOXYLIN
-    return np.column_stack(
-        [
-            flat.mean(axis=1),
-            flat.std(axis=1),
-            hed.mean(axis=1),
-            hed.std(axis=1),
-            saturation.mean(axis=1),
-            saturation.std(axis=1),
-            top.mean(axis=1),
-            np.quantile(grey, [0.1, 0.5, 0.9], axis=1).T,
-            gradient.mean(axis=1),
-            gradient.std(axis=1),
-            laplacian.mean(axis=1),
-            (grey > 0.86).mean(axis=1),
-            nuclear.mean(axis=1),
-        ]
-    ).astype(np.float32)
 
 
 def patch_statistics(
@@ -87,7 +31,8 @@ def patch_statistics(
     For each patch: RGB means and standard deviations, haematoxylin/eosin/DAB densities from
     colour deconvolution (means and standard deviations), saturation and brightness, grey-level
     quantiles, Sobel gradient and Laplacian strength (texture, sharpness), the fractions of
-    background and of nuclear (haematoxylin-rich) pixels: :data:`PATCH_STATISTICS`. A ridge
+    background and of nuclear (haematoxylin-rich) pixels: :data:`PATCH_STATISTICS`, each patch
+    on its own (:func:`~rankbygene.data.patch_statistics_tensor`). A ridge
     read-out on these is the first baseline a learned encoder must beat; use them as
     precomputed features (``setup_anndata(features_key=key_added)``) or with
     :class:`~rankbygene.tl.RidgePredictor`.
@@ -119,6 +64,8 @@ def patch_statistics(
     >>> adata.obsm["X_patch_statistics"].shape
     (20, 23)
     """
+    import torch
+
     from rankbygene.data import PatchExtractor
 
     if batch_size < 1:
@@ -136,7 +83,9 @@ def patch_statistics(
     with patches:
         for start in range(0, adata.n_obs, batch_size):
             stop = min(start + batch_size, adata.n_obs)
-            out[start:stop] = _statistics(np.stack([patches[i] for i in range(start, stop)]))
+            batch = np.stack([patches[i] for i in range(start, stop)])
+            images = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
+            out[start:stop] = patch_statistics_tensor(images).numpy()
     if copy:
         return out
     adata.obsm[key_added] = out
