@@ -24,6 +24,12 @@ Methods:
 - ``frozen_encoder``: ridge on the frozen encoder's features (the HEST-benchmark protocol)
 - ``frozen_encoder_hest``: the same with HEST's PCA-256 and fixed penalty
 - ``colour_statistics``: ridge on 23 colour/texture statistics of the same patches
+- ``encoder_and_statistics``: ridge on both: 64 principal components of the frozen encoder's
+  features next to the statistics (what the trained heads see, without training)
+
+With ``--patch-statistics`` (the default) the trained methods' heads see the frozen encoder's
+features and the patch statistics (``RankByGene(patch_statistics=True)``); ``frozen_encoder``
+still reads the encoder's features alone.
 
 Every ridge read-out chooses its penalty by leave-one-library-out CV on the training sections
 (reported as ``alpha``) and, with ``--context`` (default 6), appends the mean features of each
@@ -66,7 +72,7 @@ TRAINED = {
 }
 #: Trained variants run only when asked for (``--methods``).
 EXTRA = {"rankbygene_regression": {"lambda_regression": 1.0}}
-FIXED = ("frozen_encoder", "frozen_encoder_hest", "colour_statistics")
+FIXED = ("frozen_encoder", "frozen_encoder_hest", "colour_statistics", "encoder_and_statistics")
 METHODS = [*TRAINED, "rankbygene_knn", *FIXED]
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
 FEATURES_KEY = "X_frozen_encoder"
@@ -87,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipe", choices=["frozen", "finetune"], default="frozen")
     parser.add_argument("--input-size", type=int, default=112)
     parser.add_argument("--patch-scale", type=float, default=2.0)
+    parser.add_argument(
+        "--patch-statistics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the heads see the patch's colour/texture statistics next to the encoder's features",
+    )
     parser.add_argument("--context", type=int, default=6, help="neighbours in the read-out")
     parser.add_argument(
         "--views", type=int, default=8, help="plain + stain-jittered views of frozen features"
@@ -145,7 +157,14 @@ def add_image_features(adata: ad.AnnData, args: argparse.Namespace) -> dict[str,
     import rankbygene as rbg
 
     seconds = {"encoder_features": 0.0, "patch_statistics": 0.0}
-    settings = (args.encoder, str(args.pretrained), args.input_size, args.patch_scale, args.views)
+    settings = (
+        args.encoder,
+        str(args.pretrained),
+        args.input_size,
+        args.patch_scale,
+        args.views,
+        args.patch_statistics,
+    )
     cache = args.features_cache
     if cache is not None and cache.is_file():
         stored = np.load(cache, allow_pickle=False)
@@ -161,6 +180,7 @@ def add_image_features(adata: ad.AnnData, args: argparse.Namespace) -> dict[str,
         pretrained=args.pretrained,
         input_size=args.input_size,
         patch_scale=args.patch_scale,
+        patch_statistics=args.patch_statistics,
     )
     torch.manual_seed(0)
     views = [
@@ -213,16 +233,30 @@ def fixed_readout(train, test, method: str, args) -> tuple[np.ndarray, float]:
     """Ridge on frozen features or patch statistics: no training, no seed."""
     import rankbygene as rbg
 
-    key = STATISTICS_KEY if method == "colour_statistics" else FEATURES_KEY
-    features = []
+    n_statistics = len(rbg.tl.PATCH_STATISTICS)
+    blocks = []
     for part in (train, test):
-        x = np.asarray(part.obsm[key], dtype=np.float32)
-        x = x[:, 0] if x.ndim == 3 else x  # the plain view
-        if args.context:
-            x = rbg.tl.with_neighbor_context(
+        encoder = np.asarray(part.obsm[FEATURES_KEY][:, 0], dtype=np.float32)  # the plain view
+        if args.patch_statistics:  # the encoder's columns only: the statistics come next
+            encoder = encoder[:, :-n_statistics]
+        blocks.append((encoder, np.asarray(part.obsm[STATISTICS_KEY], dtype=np.float32)))
+    if method == "colour_statistics":
+        features = [statistics for _, statistics in blocks]
+    elif method == "encoder_and_statistics":
+        # each block counts: 64 principal components of the encoder (fitted on the training
+        # sections) next to the 23 statistics, all standardised by the ridge
+        mean = blocks[0][0].mean(axis=0)
+        components = np.linalg.svd(blocks[0][0] - mean, full_matrices=False)[2][:64].T
+        features = [np.hstack([(e - mean) @ components, st]) for e, st in blocks]
+    else:
+        features = [encoder for encoder, _ in blocks]
+    if args.context:
+        features = [
+            rbg.tl.with_neighbor_context(
                 x, part.obsm["spatial"], part.obs["library_id"].astype(str).to_numpy(), args.context
             )
-        features.append(x)
+            for x, part in zip(features, (train, test), strict=True)
+        ]
     expression = rbg.tl.log_normalize(train.layers["counts"])
     if method == "frozen_encoder_hest":
         ridge = rbg.tl.RidgePredictor.hest(n_genes=train.n_vars)
@@ -259,6 +293,7 @@ def trained_readouts(train, test, method: str, seed: int, args) -> list[tuple]:
         input_size=args.input_size,
         patch_scale=args.patch_scale,
         n_latent=args.n_latent,
+        patch_statistics=args.patch_statistics and not frozen,
         **settings,
     )
     started = time.perf_counter()
