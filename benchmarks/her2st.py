@@ -37,7 +37,7 @@ spot's nearest neighbours (image only). Trained methods read out from the teache
 
 Usage::
 
-    python benchmarks/her2st.py --data ../shared/data/her2st          # 3 seeds, ~15 min
+    python benchmarks/her2st.py --data ../shared/data/her2st          # 3 seeds, ~9 min
     python benchmarks/her2st.py --quick                               # 1 seed, ~5 min
 
 Prints the mean Pearson per held-out section (mean +- sd over seeds), the paired difference
