@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import HER2ST, requires_her2st
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,3 +36,33 @@ def test_gpu_benchmark_cpu_smoke(tmp_path):
     contrastive = next(row for row in rows if row["method"] == "contrastive only")
     assert float(contrastive["ratio"]) == 1.0
     assert "ratio" in done.stdout  # the printed table and its legend
+
+
+@pytest.mark.slow
+@requires_her2st
+def test_her2st_benchmark_end_to_end(tmp_path):
+    out = tmp_path / "her2st.csv"
+    methods = ["rankbygene", "regression", "frozen_encoder", "encoder_and_statistics"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "her2st.py"),
+            *("--data", str(HER2ST), "--sections", "C2", "C3", "--seeds", "0"),
+            *("--epochs", "2", "--views", "2", "--methods", *methods, "--out", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert {(row["method"], row["held_out"]) for row in rows} == {
+        (method, section) for method in methods for section in ("C2", "C3")
+    }
+    for row in rows:
+        assert -1.0 < float(row["pearson_panel"]) < 1.0
+        assert float(row["alpha"]) > 0
+    assert float(next(r for r in rows if r["method"] == "rankbygene")["train_seconds"]) > 0
+    assert "panel differences" in done.stdout
+    assert "encoder features" in done.stdout
