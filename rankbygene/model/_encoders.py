@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rankbygene.data._statistics import PatchStatistics
+from rankbygene.data._transforms import IMAGENET_MEAN, IMAGENET_STD
 from rankbygene.model._packaged_weights import (
     PACKAGE_SOURCE,
     PACKAGED_WEIGHTS,
@@ -16,9 +17,6 @@ from rankbygene.model._packaged_weights import (
 )
 
 __all__ = ["Backbone", "ProjectionHead", "create_backbone"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ProjectionHead(nn.Module):
