@@ -13,16 +13,22 @@ from conftest import HER2ST, requires_her2st
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_benchmark_cpu_smoke(tmp_path):
-    out = tmp_path / "gpu.csv"
+def _run_benchmark(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` with ``args``; fail with its stderr when it fails."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--cpu-smoke", "--out", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_gpu_benchmark_cpu_smoke(tmp_path):
+    out = tmp_path / "gpu.csv"
+    done = _run_benchmark("gpu.py", "--cpu-smoke", "--out", str(out))
     rows = list(csv.DictReader(out.open()))
     parts = {row["part"] for row in rows}
     assert parts == {"embedding", "training step", "ranking loss"}
@@ -43,19 +49,12 @@ def test_gpu_benchmark_cpu_smoke(tmp_path):
 def test_her2st_benchmark_end_to_end(tmp_path):
     out = tmp_path / "her2st.csv"
     methods = ["rankbygene", "regression", "frozen_encoder", "encoder_and_statistics"]
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "her2st.py"),
-            *("--data", str(HER2ST), "--sections", "C2", "C3", "--seeds", "0"),
-            *("--epochs", "2", "--views", "2", "--methods", *methods, "--out", str(out)),
-        ],
-        capture_output=True,
-        text=True,
+    done = _run_benchmark(
+        "her2st.py",
+        *("--data", str(HER2ST), "--sections", "C2", "C3", "--seeds", "0"),
+        *("--epochs", "2", "--views", "2", "--methods", *methods, "--out", str(out)),
         timeout=900,
-        check=False,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     assert {(row["method"], row["held_out"]) for row in rows} == {
         (method, section) for method in methods for section in ("C2", "C3")
