@@ -16,9 +16,6 @@ from rankbygene._layout import spot_libraries
 from rankbygene._logging import logger, quiet_third_party_imports
 from rankbygene.pp._normalize import get_matrix, matrix_name, stored_values
 
-with quiet_third_party_imports():
-    import squidpy as sq
-
 __all__ = ["smooth_expression"]
 
 # Neighbours within this factor of the nearest-neighbour distance count as the first ring when
@@ -97,6 +94,10 @@ def _smoothing_operator(
         "n_rings": n_rings,
         "copy": True,
     }
+    # imported here: squidpy (with spatialdata) takes a second to import, and only this needs it
+    with quiet_third_party_imports():
+        import squidpy as sq
+
     with _quiet_squidpy_graph_log():
         if hasattr(sq.gr, "spatial_neighbors_grid"):  # squidpy >= 1.7
             graph = sq.gr.spatial_neighbors_grid(light, **kwargs)
