@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from rankbygene._precision import float32_region
+
 __all__ = ["PATCH_STATISTICS", "PatchStatistics", "patch_statistics_tensor"]
 
 #: Names of the statistics, in the order :func:`patch_statistics_tensor` returns them.
@@ -73,7 +75,8 @@ def patch_statistics_tensor(rgb: Tensor) -> Tensor:
 
     Returns
     -------
-    ``(n, len(PATCH_STATISTICS))`` float32 statistics, on the images' device.
+    ``(n, len(PATCH_STATISTICS))`` float32 statistics, on the images' device; computed in float32
+    also under autocast (mixed precision), so that they agree across devices and precisions.
 
     Examples
     --------
@@ -83,7 +86,13 @@ def patch_statistics_tensor(rgb: Tensor) -> Tensor:
     """
     if rgb.ndim != 4 or rgb.shape[1] != 3:
         raise ValueError(f"images must be (n, 3, h, w); got shape {tuple(rgb.shape)}.")
-    rgb = rgb.float()
+    # float32 under a caller's autocast too: bf16 grey levels move the quantiles and the
+    # thresholds, so GPU and CPU features would disagree (and older torch refuses bf16 quantiles)
+    with float32_region(rgb.device):
+        return _statistics(rgb.float())
+
+
+def _statistics(rgb: Tensor) -> Tensor:
     n = rgb.shape[0]
     flat = rgb.reshape(n, 3, -1)
     density = torch.log(flat.clamp_min(_MIN_RGB)) / torch.log(torch.tensor(_MIN_RGB))
@@ -145,5 +154,7 @@ class PatchStatistics(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         features = self.encoder(images)
-        rgb = (images.float() * self.std + self.mean).clamp(0.0, 1.0)
-        return torch.cat([features, patch_statistics_tensor(rgb).to(features.dtype)], dim=1)
+        with float32_region(images.device):
+            rgb = (images.float() * self.std + self.mean).clamp(0.0, 1.0)
+        # float32 out, also under autocast: the statistics' precision is kept to the heads
+        return torch.cat([features.float(), patch_statistics_tensor(rgb)], dim=1)

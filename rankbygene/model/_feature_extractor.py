@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rankbygene._logging import logger
+from rankbygene._precision import float32_region
 from rankbygene.data._transforms import eval_transform
 from rankbygene.io._image import resize
 
@@ -147,7 +148,8 @@ class FeatureExtractor(nn.Module):
         device = next(self.model.parameters()).device
         image = image.to(device)
         if image.dtype == torch.uint8:
-            image = self._normalise_uint8(image)
+            with float32_region(device):  # the caller's autocast must not round the pixels
+                image = self._normalise_uint8(image)
         return self.model.embed_images(image, teacher=True, kind=self.kind).float()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

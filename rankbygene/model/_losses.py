@@ -6,13 +6,14 @@ autocast, and (for the contrastive terms) can use the negatives of all processes
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from rankbygene._precision import float32_region
 
 __all__ = [
     "cosine_similarity_matrix",
@@ -28,14 +29,6 @@ __all__ = [
 # Elements of one (C x K x K) block of pairwise differences when ``chunk_size`` is None:
 # 2**24 float32 values are 64 MiB per temporary, a few temporaries per chunk.
 _MAX_CHUNK_ELEMENTS = 2**24
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Context in which autocast is off for ``device`` (no-op where autocast is not supported)."""
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # device types without autocast support
-        return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +117,7 @@ def cosine_similarity_matrix(x: Tensor, y: Tensor | None = None) -> Tensor:
         raise ValueError(
             f"`y` must be 2-D with {x.shape[1]} columns like `x`, got shape {tuple(y.shape)}."
         )
-    with _no_autocast(x.device):
+    with float32_region(x.device):
         xn = F.normalize(x.float(), dim=1)
         yn = xn if y is None else F.normalize(y.float(), dim=1)
         return xn @ yn.T
@@ -156,7 +149,7 @@ def expression_similarity(expr: Tensor) -> Tensor:
     """
     if expr.ndim != 2:
         raise ValueError(f"`expr` must be 2-D (spots x genes), got shape {tuple(expr.shape)}.")
-    with _no_autocast(expr.device):
+    with float32_region(expr.device):
         e = expr.float()
         return cosine_similarity_matrix(e - e.mean(dim=1, keepdim=True))
 
@@ -213,7 +206,7 @@ def info_nce(
         )
     if temperature <= 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}.")
-    with _no_autocast(query.device):
+    with float32_region(query.device):
         q = F.normalize(query.float(), dim=1)
         k = F.normalize(key.float(), dim=1)
         rank, world_size = get_rank_world_size() if gather_distributed else (0, 1)
@@ -433,7 +426,7 @@ def ranking_consistency_loss(
     if n_pairs is not None and n_pairs < 1:
         raise ValueError(f"`n_pairs` must be >= 1 or None, got {n_pairs}.")
 
-    with _no_autocast(image_sim.device):
+    with float32_region(image_sim.device):
         s_img_full = image_sim.float()
         s_gene_full = gene_sim.detach().float()
         # Differentiable zero so that the result is attached to the graph even with no triplet.

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rankbygene._metrics import pearson_per_gene
+from rankbygene._precision import float32_region
 
 PredictionMethod = Literal["ridge", "knn", "mlp"]
 
@@ -229,8 +230,8 @@ class MlpPredictor:
     def fit(self, features: np.ndarray, expression: np.ndarray) -> MlpPredictor:
         self.mean_ = features.mean(axis=0)
         self.scale_ = features.std(axis=0) + 1e-6
-        # callers may be inside torch.inference_mode (the model's getters)
-        with torch.inference_mode(False), torch.enable_grad():
+        # callers may be inside torch.inference_mode (the model's getters) or autocast
+        with torch.inference_mode(False), torch.enable_grad(), float32_region("cpu"):
             self._train(
                 torch.as_tensor((features - self.mean_) / self.scale_, dtype=torch.float32),
                 torch.as_tensor(expression, dtype=torch.float32),
@@ -267,7 +268,7 @@ class MlpPredictor:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         x = torch.as_tensor((features - self.mean_) / self.scale_, dtype=torch.float32)
-        with torch.no_grad():
+        with torch.no_grad(), float32_region("cpu"):
             return self.net_(x).numpy().astype(np.float32)
 
 

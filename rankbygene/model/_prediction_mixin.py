@@ -47,6 +47,7 @@ class PredictionMixin:
         alpha: float | None = None,
         n_components: int | None = None,
         neighbor_context: int = 0,
+        precision: str | None = None,
     ) -> AnnData | None:
         """Predict each spot's expression of the model's genes from its image alone.
 
@@ -85,6 +86,9 @@ class PredictionMixin:
             For ``"ridge"``/``"mlp"``: append to each spot's features the mean features of its
             ``neighbor_context`` nearest spots on the same slide (image only, as TRIPLEX);
             ``0``: off.
+        precision
+            Of the image forward passes, as in :meth:`get_image_representation` (default:
+            bf16-mixed on GPUs with bf16, else float32); the read-out always fits in float32.
 
         Returns
         -------
@@ -124,7 +128,12 @@ class PredictionMixin:
             PatchExtractor.from_settings(
                 query, self.image_settings, library_key=library_key, out_of_bounds="pad"
             )
-        embed = {"batch_size": batch_size, "num_workers": num_workers, "progress": None}
+        embed = {
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+            "progress": None,
+            "precision": precision,
+        }
         if method == "knn":
             ref_genes = self.get_gene_representation(ref_adata, indices=ref_idx)
             predictor = KnnPredictor(k=k, temperature=self.module.tau).fit(

@@ -62,6 +62,7 @@ def embed_slides(
     kind: Literal["embedding", "backbone"] = "embedding",
     batch_size: int | None = None,
     num_workers: int | None = None,
+    precision: str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
     on_error: Literal["skip", "raise"] = "skip",
@@ -105,6 +106,9 @@ def embed_slides(
     batch_size, num_workers
         Of the embedding DataLoader (``num_workers`` processes read tiles in parallel);
         default: chosen from the machine, as in :meth:`RankByGene.get_image_representation`.
+    precision
+        Of the encoder's forward pass, as in :meth:`RankByGene.get_image_representation`
+        (default: bf16-mixed on GPUs with bf16, else float32).
     overwrite
         Redo slides already done (also those done with other settings, which otherwise raise).
     progress
@@ -215,7 +219,12 @@ def embed_slides(
     if len(todo) < len(slides):
         logger.info(f"{len(slides) - len(todo)} of {len(slides)} slides already embedded")
     show = len(todo) > 1 if progress is None else progress
-    embed = {"kind": kind, "batch_size": batch_size, "num_workers": num_workers}
+    embed = {
+        "kind": kind,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "precision": precision,
+    }
     errors: dict[str, str] = {}
     first_error: Exception | None = None
     for slide_id in tqdm(todo, desc="Slides", unit="slide", disable=not show):
