@@ -393,7 +393,7 @@ def test_feature_views_student_sees_augmented_views_teacher_the_plain_one():
 def test_frozen_backbone_views_and_features_with_views(small):
     scvi.settings.seed = 0
     model = _tiny_model(small, freeze_backbone=True)
-    features, valid = model._frozen_features(small, "raise", n_views=3)
+    features, valid = model._frozen_features(small, "raise", n_views=3, precision="32-true")
     assert features.shape == (small.n_obs, 3, model.module.n_features)
     assert valid.all()
     plain = model.get_image_representation(kind="backbone")

@@ -2,6 +2,7 @@
 
 from rankbygene._constants import BATCH_KEYS, BatchKeys
 from rankbygene.data._dataset import SpotPatchDataset
+from rankbygene.data._device_augmentation import DeviceAugmentation, random_dihedral
 from rankbygene.data._patches import PatchExtractor
 from rankbygene.data._settings import ImageSettings
 from rankbygene.data._statistics import PatchStatistics, patch_statistics_tensor
@@ -11,6 +12,7 @@ from rankbygene.data._transforms import (
     PatchTransform,
     RandomHEDJitter,
     RandomRot90,
+    Uint8Patch,
     eval_transform,
     stain_transform,
     strong_transform,
@@ -22,6 +24,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BatchKeys",
+    "DeviceAugmentation",
     "ImageSettings",
     "PatchExtractor",
     "PatchStatistics",
@@ -29,8 +32,10 @@ __all__ = [
     "RandomHEDJitter",
     "RandomRot90",
     "SpotPatchDataset",
+    "Uint8Patch",
     "eval_transform",
     "patch_statistics_tensor",
+    "random_dihedral",
     "stain_transform",
     "strong_transform",
     "weak_transform",

@@ -14,11 +14,15 @@ import torch
 from torchvision.transforms import v2
 
 __all__ = [
+    "COLOUR_JITTER",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "P_GRAYSCALE",
+    "P_JITTER",
     "PatchTransform",
     "RandomHEDJitter",
     "RandomRot90",
+    "Uint8Patch",
     "eval_transform",
     "stain_transform",
     "strong_transform",
@@ -28,6 +32,11 @@ __all__ = [
 #: ImageNet channel means and standard deviations (RGB, pixel values in [0, 1]).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+#: The student's colour augmentation: jitter strengths, and how often jitter and grayscale apply
+#: (:func:`strong_transform` per patch, :class:`DeviceAugmentation` per batch).
+COLOUR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
+P_JITTER = 0.8
+P_GRAYSCALE = 0.2
 
 
 class RandomRot90(torch.nn.Module):
@@ -86,6 +95,20 @@ class RandomHEDJitter(torch.nn.Module):
         density = _RGB_FROM_HED.T @ (stains * scale + shift)
         out = torch.exp(-density).reshape(image.shape).clamp(0, 1)
         return (out * 255.0).round().to(torch.uint8)
+
+
+class Uint8Patch:
+    """uint8 ``(H, W, 3)`` patch -> uint8 ``(3, H, W)`` tensor, for augmentation on the device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Uint8Patch()(np.zeros((8, 8, 3), np.uint8)).dtype
+    torch.uint8
+    """
+
+    def __call__(self, patch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return _as_chw_uint8(patch).contiguous()
 
 
 class PatchTransform:
@@ -209,12 +232,12 @@ def weak_transform(
 def strong_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.4,
-    hue: float = 0.1,
-    p_jitter: float = 0.8,
-    p_grayscale: float = 0.2,
+    brightness: float = COLOUR_JITTER["brightness"],
+    contrast: float = COLOUR_JITTER["contrast"],
+    saturation: float = COLOUR_JITTER["saturation"],
+    hue: float = COLOUR_JITTER["hue"],
+    p_jitter: float = P_JITTER,
+    p_grayscale: float = P_GRAYSCALE,
 ) -> PatchTransform:
     """The student's view: flips, 90-degree rotations, colour jitter and grayscale, normalised.
 

@@ -1,6 +1,6 @@
 """The RankByGene model (scvi-tools API), its module, training plan, encoders and losses."""
 
-from rankbygene.model._data import inference_loader_settings
+from rankbygene.model._data import inference_loader_settings, training_loader_settings
 from rankbygene.model._encoders import Backbone, ProjectionHead, create_backbone
 from rankbygene.model._feature_extractor import FeatureExtractor
 from rankbygene.model._model import RankByGene
@@ -26,4 +26,5 @@ __all__ = [
     "inference_loader_settings",
     "load_packaged_weights",
     "packaged_weights_path",
+    "training_loader_settings",
 ]

@@ -14,9 +14,12 @@ from anndata import AnnData
 from torch.utils.data import DataLoader
 
 from rankbygene.data import (
+    BATCH_KEYS,
+    DeviceAugmentation,
     ImageSettings,
     PatchExtractor,
     SpotPatchDataset,
+    Uint8Patch,
     eval_transform,
     stain_transform,
     strong_transform,
@@ -33,7 +36,13 @@ class SpotDataModule(pl.LightningDataModule):
     The training loader gives the strong and weak views of each patch; validation gives the
     un-augmented patch once (the module uses it for student and teacher). Batches drop their
     last incomplete batch in training, because in-batch negatives and rankings need full
-    batches (and DDP equal ones).
+    batches (and DDP equal ones). ``num_workers``, ``pin_memory`` and
+    ``multiprocessing_context`` are the DataLoaders' (see :func:`training_loader_settings`);
+    workers persist across epochs.
+
+    With ``augment_on_device``, the loaders give uint8 patches and the views are made for the
+    whole batch after its transfer to the training device (:class:`DeviceAugmentation`), so a
+    GPU does not wait for the CPU's per-patch augmentation.
     """
 
     def __init__(
@@ -50,6 +59,9 @@ class SpotDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int | None = 0,
         valid: np.ndarray | None = None,
+        pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
+        augment_on_device: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < train_size <= 1.0:
@@ -77,10 +89,16 @@ class SpotDataModule(pl.LightningDataModule):
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.multiprocessing_context = multiprocessing_context if num_workers else None
         self.expression = expression
         self.patches = patches
         self.features = features
-        if patches is not None:
+        self.device_augmentation = None
+        if patches is not None and augment_on_device:
+            self.device_augmentation = DeviceAugmentation(mean, std)
+            self.train_transforms = self.eval_transforms = [Uint8Patch()]
+        elif patches is not None:
             self.train_transforms = [strong_transform(mean, std), weak_transform(mean, std)]
             self.eval_transforms = [eval_transform(mean, std)]
 
@@ -99,8 +117,30 @@ class SpotDataModule(pl.LightningDataModule):
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
+            multiprocessing_context=self.multiprocessing_context,
         )
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
+        if self.device_augmentation is not None:
+            batch = self._augment(batch)
+        # on a GPU, patches in NHWC (channels_last), the layout the backbone trains in
+        return {
+            key: value.contiguous(memory_format=torch.channels_last)
+            if isinstance(value, torch.Tensor) and value.is_cuda and value.ndim == 4
+            else value
+            for key, value in batch.items()
+        }
+
+    def _augment(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The views of a batch of uint8 patches, made where the batch now is."""
+        patches = batch[BATCH_KEYS.image]
+        training = self.trainer is None or self.trainer.training
+        with torch.no_grad():
+            if training:
+                strong, weak = self.device_augmentation(patches)
+                return {**batch, BATCH_KEYS.image: strong, BATCH_KEYS.image_weak: weak}
+            return {**batch, BATCH_KEYS.image: self.device_augmentation.plain(patches)}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_idx, train=True)
@@ -174,6 +214,45 @@ def inference_loader_settings(
     }
 
 
+#: At most this many training workers: each augments two views of every patch of a batch.
+MAX_TRAINING_WORKERS = 16
+
+
+def training_loader_settings(
+    num_workers: int | None, on_gpu: bool, reads_images: bool = True
+) -> dict[str, Any]:
+    """DataLoader settings of training, chosen from the machine where ``num_workers`` is None.
+
+    On a GPU, decoding and augmenting patches in the main process leaves the GPU waiting: one
+    worker per core but one (kept for the main process), at most 16, started by ``fork`` on Linux
+    (as :func:`inference_loader_settings`), with pinned memory for asynchronous copies. On the
+    CPU the forward and backward passes need the cores: no workers. Precomputed features need
+    no workers.
+
+    Returns
+    -------
+    ``num_workers``, ``pin_memory`` and ``multiprocessing_context`` for :class:`SpotDataModule`.
+
+    Examples
+    --------
+    >>> training_loader_settings(None, on_gpu=False)
+    {'num_workers': 0, 'pin_memory': False, 'multiprocessing_context': None}
+    """
+    context = None
+    if num_workers is None:
+        num_workers = 0
+        if on_gpu and reads_images and sys.platform.startswith("linux"):
+            num_workers = max(1, min(available_cpus() - 1, MAX_TRAINING_WORKERS))
+            context = "fork"
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
+    return {
+        "num_workers": int(num_workers),
+        "pin_memory": bool(on_gpu),
+        "multiprocessing_context": context,
+    }
+
+
 def image_loader(
     settings: ImageSettings,
     adata: AnnData,
@@ -222,6 +301,5 @@ def image_loader(
         dataset = SpotPatchDataset(
             patches, indices=idx, transform=make(settings.mean, settings.std)
         )
-    return DataLoader(
-        dataset, shuffle=False, pin_memory=torch.cuda.is_available(), **loader_settings
-    )
+    on_gpu = torch.device(device).type == "cuda"
+    return DataLoader(dataset, shuffle=False, pin_memory=on_gpu, **loader_settings)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from anndata import AnnData
+from lightning.pytorch.utilities import rank_zero_info
 from scvi import REGISTRY_KEYS, settings
 from scvi.train import TrainRunner
 
@@ -18,8 +19,13 @@ from rankbygene._logging import (
     quiet_lightning_tips,
     quiet_scvi_training_exception,
 )
+from rankbygene._precision import autocast_dtype, default_precision
 from rankbygene.data import PatchExtractor
-from rankbygene.model._data import FEATURES_REGISTRY_KEY, SpotDataModule
+from rankbygene.model._data import (
+    FEATURES_REGISTRY_KEY,
+    SpotDataModule,
+    training_loader_settings,
+)
 
 
 class TrainingMixin:
@@ -37,7 +43,9 @@ class TrainingMixin:
         train_size: float = 0.9,
         validation_size: float | None = None,
         early_stopping: bool = False,
-        num_workers: int = 0,
+        num_workers: int | None = None,
+        precision: str | int | None = None,
+        augmentation: Literal["loader", "device"] | None = None,
         cache: Literal["memory", "disk"] | None = "memory",
         cache_dir: str | Path | None = None,
         out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
@@ -68,7 +76,20 @@ class TrainingMixin:
             Stop when ``validation_loss`` stops improving (patience ``early_stopping_patience``)
             and keep the best weights.
         num_workers
-            DataLoader workers.
+            DataLoader workers decoding and augmenting patches; default: on a GPU, one per CPU
+            core but one (at most 16), with pinned memory; on the CPU, none (the forward and
+            backward passes use the cores).
+        precision
+            Lightning's: ``"32-true"``, ``"bf16-mixed"`` or ``"16-mixed"``; default
+            ``"bf16-mixed"`` on GPUs with bf16, else ``"32-true"``. Losses, similarities and
+            colour statistics are computed in float32 in every case. On a GPU the image
+            backbones also train in ``channels_last`` memory format. The choice is logged with
+            Lightning's lines on the device.
+        augmentation
+            Where the student's and teacher's views of each patch are made: ``"loader"``, per
+            patch in the DataLoader (torchvision), or ``"device"``, per batch on the training
+            device (:class:`~rankbygene.data.DeviceAugmentation`, the same augmentations);
+            default: ``"device"`` on a GPU, ``"loader"`` on the CPU.
         cache
             Decoded patches kept in ``"memory"`` or on ``"disk"`` (under ``cache_dir``, reused by
             later runs) so each image is decoded once; ``None`` reads every patch from the image.
@@ -95,6 +116,14 @@ class TrainingMixin:
             raise ValueError(f"max_epochs must be >= 1; got {max_epochs}.")
         if n_views < 1:
             raise ValueError(f"n_views must be >= 1; got {n_views}.")
+        on_gpu = trains_on_gpu(accelerator)
+        if precision is None:
+            precision = default_precision("cuda" if on_gpu else "cpu")
+        autocast_dtype(precision)  # an unknown precision fails before any work
+        if augmentation is None:
+            augmentation = "device" if on_gpu else "loader"
+        if augmentation not in ("loader", "device"):
+            raise ValueError(f"augmentation must be 'loader' or 'device'; got {augmentation!r}.")
         adata = self.adata
         image_settings = self.image_settings
         expression = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
@@ -106,7 +135,7 @@ class TrainingMixin:
             plain = features[:, 0] if features.ndim == 3 else features
             self.module.set_feature_scaling(torch.as_tensor(plain, dtype=torch.float32))
         elif self.module.freeze_backbone:
-            features, valid = self._frozen_features(adata, out_of_bounds, n_views)
+            features, valid = self._frozen_features(adata, out_of_bounds, n_views, precision)
         else:
             patches = PatchExtractor.from_settings(
                 adata,
@@ -116,6 +145,7 @@ class TrainingMixin:
                 out_of_bounds=out_of_bounds,
             )
             valid = patches.valid
+        loader_settings = training_loader_settings(num_workers, on_gpu, patches is not None)
         data_module = SpotDataModule(
             n_obs=adata.n_obs,
             expression=expression,
@@ -126,9 +156,10 @@ class TrainingMixin:
             train_size=train_size,
             validation_size=validation_size,
             batch_size=batch_size,
-            num_workers=num_workers,
             seed=settings.seed,
             valid=valid,
+            augment_on_device=augmentation == "device",
+            **loader_settings,
         )
         if patches is not None and cache is not None:
             patches.materialize(progress=trainer_kwargs.get("enable_progress_bar", True))
@@ -145,6 +176,13 @@ class TrainingMixin:
         if data_module.n_val > 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+        where = "on the device" if augmentation == "device" else "in the DataLoader"
+        augmented = "" if patches is None else f", views augmented {where}"
+        rank_zero_info(
+            f"Training on {'the GPU' if on_gpu else 'the CPU'}: {precision} precision, "
+            f"{loader_settings['num_workers']} DataLoader workers"
+            f"{', pinned memory, channels_last' if on_gpu else ''}{augmented}"
+        )
         runner = self._train_runner_cls(
             self,
             training_plan=plan,
@@ -153,6 +191,7 @@ class TrainingMixin:
             accelerator=accelerator,
             devices=devices,
             early_stopping=early_stopping,
+            precision=precision,
             **trainer_kwargs,
         )
         try:
@@ -177,7 +216,7 @@ class TrainingMixin:
             plan.restore_best()
 
     def _frozen_features(
-        self, adata: AnnData, out_of_bounds: str, n_views: int
+        self, adata: AnnData, out_of_bounds: str, n_views: int, precision: str | int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Backbone features of every usable spot, plain and augmented views, computed once."""
         patches = PatchExtractor.from_settings(
@@ -188,7 +227,12 @@ class TrainingMixin:
         features = np.zeros((adata.n_obs, n_views, self.module.n_features), dtype=np.float32)
         for view in range(n_views):
             features[spots, view] = self.get_image_representation(
-                adata, indices=spots, kind="backbone", out_of_bounds="pad", augmented=view > 0
+                adata,
+                indices=spots,
+                kind="backbone",
+                out_of_bounds="pad",
+                augmented=view > 0,
+                precision=precision,
             )
         self.module.set_feature_scaling(torch.as_tensor(features[spots, 0]))
         return features, valid
@@ -205,3 +249,12 @@ class TrainingMixin:
         self.module.eval()
         self.is_trained_ = True
         self.to_device(runner.device)
+
+
+def trains_on_gpu(accelerator: Any) -> bool:
+    """Whether Lightning trains on a CUDA GPU with this ``accelerator`` (``"auto"`` picks one)."""
+    if not torch.cuda.is_available():
+        return False
+    if not isinstance(accelerator, str):  # a Lightning Accelerator instance
+        return type(accelerator).__name__ == "CUDAAccelerator"
+    return accelerator.lower() in ("auto", "gpu", "cuda")

@@ -58,6 +58,7 @@ class RankByGeneTrainingPlan(pl.LightningModule):
         self.weight_decay = weight_decay
         self.ema = tuple(ema)
         self.adapt_ema = adapt_ema
+        self._channels_last = False
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch: int | None = None
         self._best_loss = float("inf")
@@ -100,6 +101,14 @@ class RankByGeneTrainingPlan(pl.LightningModule):
             # prod(m_t) ~ exp(-(1 - m0) * T / 2) <= exp(-5): the initial weights fade out
             start = min(start, max(0.5, 1.0 - 10.0 / total_steps))
         return start
+
+    def on_fit_start(self) -> None:
+        # NHWC is what cuDNN's tensor-core convolutions read without transposing; weights in
+        # it make the activations follow (SpotDataModule converts the batches on the GPU)
+        self._channels_last = self.device.type == "cuda" and not self.module.uses_features
+        if self._channels_last:
+            self.module.student_backbone.to(memory_format=torch.channels_last)
+            self.module.teacher_backbone.to(memory_format=torch.channels_last)
 
     def on_train_epoch_start(self) -> None:
         # Lightning's .train() reaches the teacher too; its targets should be dropout-free.
