@@ -16,7 +16,8 @@ def _patches(n: int = 8, size: int = 12, seed: int = 0) -> torch.Tensor:
 
 
 def _unnormalise(images: torch.Tensor, augmentation: DeviceAugmentation) -> torch.Tensor:
-    return images * augmentation.std + augmentation.mean
+    mean = torch.tensor(augmentation.mean).view(1, 3, 1, 1)
+    return images * torch.tensor(augmentation.std).view(1, 3, 1, 1) + mean
 
 
 def test_dihedral_draws_each_symmetry_per_image_and_keeps_the_pixels():

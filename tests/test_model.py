@@ -583,7 +583,11 @@ def test_inference_loader_settings_follow_the_machine(monkeypatch):
     assert cpu == {"batch_size": 128, "num_workers": 3, "multiprocessing_context": "fork"}
     gpu = _data.inference_loader_settings(10_000, None, None, "cuda")
     assert gpu["batch_size"] == 256
-    assert gpu["num_workers"] == 4
+    assert gpu["num_workers"] == 3
+    monkeypatch.setattr(_data, "available_cpus", lambda: 64)  # capped: 8 on CPUs, 16 beside GPUs
+    assert _data.inference_loader_settings(10_000, None, None, "cpu")["num_workers"] == 8
+    assert _data.inference_loader_settings(10_000, None, None, "cuda")["num_workers"] == 16
+    monkeypatch.setattr(_data, "available_cpus", lambda: 4)
     # too little work, precomputed features, or no fork: no worker processes
     assert _data.inference_loader_settings(200, None, None, "cpu")["num_workers"] == 0
     features = _data.inference_loader_settings(10_000, None, None, "cpu", reads_images=False)

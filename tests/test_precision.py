@@ -294,7 +294,7 @@ def test_training_loader_settings_follow_the_machine(monkeypatch):
     monkeypatch.setattr(_data, "available_cpus", lambda: 64)
     assert _data.training_loader_settings(None, on_gpu=True)["num_workers"] == 16
     monkeypatch.setattr(_data, "available_cpus", lambda: 1)
-    assert _data.training_loader_settings(None, on_gpu=True)["num_workers"] == 1
+    assert _data.training_loader_settings(None, on_gpu=True)["num_workers"] == 0
     # the CPU, precomputed features, no fork: no worker processes
     cpu = _data.training_loader_settings(None, on_gpu=False)
     assert cpu == {"num_workers": 0, "pin_memory": False, "multiprocessing_context": None}

@@ -20,6 +20,7 @@ from rankbygene.data._transforms import (
     IMAGENET_STD,
     P_GRAYSCALE,
     P_JITTER,
+    normalize_batch,
 )
 
 __all__ = ["DeviceAugmentation", "random_dihedral"]
@@ -84,10 +85,8 @@ class DeviceAugmentation(nn.Module):
         import kornia.augmentation as K
 
         super().__init__()
-        mean = IMAGENET_MEAN if mean is None else tuple(mean)
-        std = IMAGENET_STD if std is None else tuple(std)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.mean = IMAGENET_MEAN if mean is None else tuple(mean)
+        self.std = IMAGENET_STD if std is None else tuple(std)
         self.colour = nn.Sequential(
             K.ColorJitter(brightness, contrast, saturation, hue, p=p_jitter),
             K.RandomGrayscale(p=p_grayscale),
@@ -98,11 +97,13 @@ class DeviceAugmentation(nn.Module):
         images = self._unit(patches)
         weak = random_dihedral(images)
         strong = self.colour(random_dihedral(images)).clamp(0.0, 1.0)
-        return self._normalize(strong), self._normalize(weak)
+        return normalize_batch(strong, self.mean, self.std), normalize_batch(
+            weak, self.mean, self.std
+        )
 
     def plain(self, patches: Tensor) -> Tensor:
         """The un-augmented, normalised patches (validation), as :func:`eval_transform`."""
-        return self._normalize(self._unit(patches))
+        return normalize_batch(self._unit(patches), self.mean, self.std)
 
     @staticmethod
     def _unit(patches: Tensor) -> Tensor:
@@ -111,6 +112,3 @@ class DeviceAugmentation(nn.Module):
                 f"patches must be uint8 (n, 3, s, s); got {patches.dtype} {tuple(patches.shape)}."
             )
         return patches.float().div_(255.0)
-
-    def _normalize(self, images: Tensor) -> Tensor:
-        return (images - self.mean.to(images.device)) / self.std.to(images.device)

@@ -22,8 +22,8 @@ __all__ = [
     "PatchTransform",
     "RandomHEDJitter",
     "RandomRot90",
-    "Uint8Patch",
     "eval_transform",
+    "normalize_batch",
     "stain_transform",
     "strong_transform",
     "weak_transform",
@@ -97,20 +97,6 @@ class RandomHEDJitter(torch.nn.Module):
         return (out * 255.0).round().to(torch.uint8)
 
 
-class Uint8Patch:
-    """uint8 ``(H, W, 3)`` patch -> uint8 ``(3, H, W)`` tensor, for augmentation on the device.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> Uint8Patch()(np.zeros((8, 8, 3), np.uint8)).dtype
-    torch.uint8
-    """
-
-    def __call__(self, patch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return _as_chw_uint8(patch).contiguous()
-
-
 class PatchTransform:
     """uint8 patch -> (augmented) normalised float32 ``(3, H, W)`` tensor.
 
@@ -120,6 +106,9 @@ class PatchTransform:
         Transforms applied to the uint8 ``(3, H, W)`` tensor before normalisation (may be empty).
     mean, std
         Per-channel normalisation of pixel values in [0, 1].
+    normalize
+        ``False``: return the (augmented) uint8 tensor, to be normalised per batch where the
+        model runs (:func:`normalize_batch`): a quarter of the bytes to collate and copy.
 
     Examples
     --------
@@ -134,6 +123,7 @@ class PatchTransform:
         augment: Sequence[Callable[[torch.Tensor], torch.Tensor]],
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        normalize: bool = True,
     ) -> None:
         mean = IMAGENET_MEAN if mean is None else tuple(float(m) for m in mean)
         std = IMAGENET_STD if std is None else tuple(float(s) for s in std)
@@ -143,16 +133,20 @@ class PatchTransform:
             raise ValueError(f"std must be positive; got {std}.")
         self.mean, self.std = mean, std
         self.augment = v2.Compose(list(augment)) if augment else None
-        self.normalize = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        self.normalize = (
+            v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+            if normalize
+            else None
         )
 
     def __call__(self, patch: np.ndarray | torch.Tensor) -> torch.Tensor:
         image = _as_chw_uint8(patch)
         if self.augment is not None:
             image = self.augment(image)
+        if self.normalize is not None:
+            image = self.normalize(image)
         # v2 may hand back a tv_tensors subclass; collate and models want a plain tensor.
-        return self.normalize(image).as_subclass(torch.Tensor).contiguous()
+        return image.as_subclass(torch.Tensor).contiguous()
 
     def __repr__(self) -> str:
         steps = self.augment.transforms if self.augment is not None else []
@@ -175,6 +169,36 @@ def _as_chw_uint8(patch: np.ndarray | torch.Tensor) -> torch.Tensor:
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"Expected a (3, H, W) tensor; got shape {tuple(image.shape)}.")
     return image
+
+
+def normalize_batch(
+    images: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> torch.Tensor:
+    """Normalised float32 ``(n, 3, H, W)`` images, on their device.
+
+    The per-batch counterpart of :func:`eval_transform` (equal to it within float rounding), for
+    patches that travel to the GPU as uint8. Always float32, also under autocast.
+
+    Parameters
+    ----------
+    images
+        uint8 images, or float images with values in [0, 1].
+    mean, std
+        Per-channel statistics; ImageNet's by default.
+
+    Examples
+    --------
+    >>> import torch
+    >>> normalize_batch(torch.zeros(2, 3, 4, 4, dtype=torch.uint8)).dtype
+    torch.float32
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (n, 3, h, w); got shape {tuple(images.shape)}.")
+    unit = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    shape = (1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN if mean is None else mean, device=images.device)
+    std = torch.tensor(IMAGENET_STD if std is None else std, device=images.device)
+    return (unit - mean.float().view(shape)) / std.float().view(shape)
 
 
 def eval_transform(
@@ -278,11 +302,15 @@ def strong_transform(
 
 
 def stain_transform(
-    mean: Sequence[float] | None = None, std: Sequence[float] | None = None, sigma: float = 0.05
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    sigma: float = 0.05,
+    normalize: bool = True,
 ) -> PatchTransform:
     """A stain-realistic view: flips, 90-degree rotations and HED stain jitter, normalised.
 
-    The views of a frozen backbone's features (``freeze_backbone=True``) are made with it.
+    The views of a frozen backbone's features (``freeze_backbone=True``) are made with it;
+    ``normalize=False`` returns the uint8 view (see :class:`PatchTransform`).
 
     Examples
     --------
@@ -291,7 +319,7 @@ def stain_transform(
     >>> tuple(stain_transform()(np.zeros((8, 8, 3), np.uint8)).shape)
     (3, 8, 8)
     """
-    return PatchTransform([*_dihedral(), RandomHEDJitter(sigma)], mean, std)
+    return PatchTransform([*_dihedral(), RandomHEDJitter(sigma)], mean, std, normalize)
 
 
 def _dihedral() -> list[Callable[[torch.Tensor], torch.Tensor]]:

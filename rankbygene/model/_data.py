@@ -18,8 +18,8 @@ from rankbygene.data import (
     DeviceAugmentation,
     ImageSettings,
     PatchExtractor,
+    PatchTransform,
     SpotPatchDataset,
-    Uint8Patch,
     eval_transform,
     stain_transform,
     strong_transform,
@@ -97,7 +97,7 @@ class SpotDataModule(pl.LightningDataModule):
         self.device_augmentation = None
         if patches is not None and augment_on_device:
             self.device_augmentation = DeviceAugmentation(mean, std)
-            self.train_transforms = self.eval_transforms = [Uint8Patch()]
+            self.train_transforms = self.eval_transforms = [PatchTransform([], normalize=False)]
         elif patches is not None:
             self.train_transforms = [strong_transform(mean, std), weak_transform(mean, std)]
             self.eval_transforms = [eval_transform(mean, std)]
@@ -153,7 +153,10 @@ class SpotDataModule(pl.LightningDataModule):
 
 # Below this many batches, starting a worker process costs more than it saves.
 MIN_BATCHES_FOR_WORKERS = 3
+#: At most this many chosen workers beside a CPU's forward pass, and beside a GPU (which reads
+#: patches faster than a few cores cut them).
 MAX_AUTO_WORKERS = 8
+MAX_GPU_WORKERS = 16
 GPU_INFERENCE_BATCH_SIZE = 256
 
 
@@ -163,6 +166,12 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def spare_cores(on_gpu: bool) -> int:
+    """Worker processes chosen beside the main process: its cores but one, capped."""
+    cap = MAX_GPU_WORKERS if on_gpu else MAX_AUTO_WORKERS
+    return max(0, min(available_cpus() - 1, cap))
 
 
 def inference_loader_settings(
@@ -175,10 +184,10 @@ def inference_loader_settings(
     """DataLoader settings of an inference pass, chosen from the machine where ``None``.
 
     Batch size: ``scvi.settings.batch_size`` on the CPU, at least 256 on a GPU. Workers: one per
-    spare core on the CPU (the forward pass keeps the main process busy), one per core next to a
-    GPU, at most 8; none for precomputed features or for loaders of fewer than 3 batches. Chosen
-    workers start by ``fork`` (Linux): elsewhere, and in Python versions whose default start
-    method re-imports the caller's script in each worker, no workers are chosen unless asked for.
+    core but one (kept for the main process), at most 8 on the CPU and 16 beside a GPU; none for
+    precomputed features or for loaders of fewer than 3 batches. Chosen workers start by
+    ``fork`` (Linux): elsewhere, and in Python versions whose default start method re-imports
+    the caller's script in each worker, no workers are chosen unless asked for.
 
     Returns
     -------
@@ -202,8 +211,7 @@ def inference_loader_settings(
         can_fork = sys.platform.startswith("linux")
         num_workers = 0
         if reads_images and can_fork and n_batches >= MIN_BATCHES_FOR_WORKERS:
-            spare = available_cpus() - (0 if on_gpu else 1)
-            num_workers = max(0, min(spare, MAX_AUTO_WORKERS))
+            num_workers = spare_cores(on_gpu)
             context = "fork" if num_workers else None
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
@@ -214,20 +222,16 @@ def inference_loader_settings(
     }
 
 
-#: At most this many training workers: each augments two views of every patch of a batch.
-MAX_TRAINING_WORKERS = 16
-
-
 def training_loader_settings(
     num_workers: int | None, on_gpu: bool, reads_images: bool = True
 ) -> dict[str, Any]:
     """DataLoader settings of training, chosen from the machine where ``num_workers`` is None.
 
-    On a GPU, decoding and augmenting patches in the main process leaves the GPU waiting: one
-    worker per core but one (kept for the main process), at most 16, started by ``fork`` on Linux
-    (as :func:`inference_loader_settings`), with pinned memory for asynchronous copies. On the
-    CPU the forward and backward passes need the cores: no workers. Precomputed features need
-    no workers.
+    On a GPU, reading patches in the main process leaves the GPU waiting: one worker per core
+    but one (kept for the main process), at most 16, started by ``fork`` on Linux (as
+    :func:`inference_loader_settings`), with pinned memory for asynchronous copies. On the CPU
+    the forward and backward passes need the cores: no workers. Precomputed features need no
+    workers.
 
     Returns
     -------
@@ -242,8 +246,8 @@ def training_loader_settings(
     if num_workers is None:
         num_workers = 0
         if on_gpu and reads_images and sys.platform.startswith("linux"):
-            num_workers = max(1, min(available_cpus() - 1, MAX_TRAINING_WORKERS))
-            context = "fork"
+            num_workers = spare_cores(on_gpu=True)
+            context = "fork" if num_workers else None
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0; got {num_workers}.")
     return {
@@ -265,7 +269,7 @@ def image_loader(
     n_features: int,
     augmented: bool = False,
 ) -> DataLoader:
-    """Loader of patches (plain or a stain view), or plain features, for the image getter.
+    """Loader of uint8 patches (plain or a stain view), or plain features, for the image getter.
 
     ``settings`` are the model's image settings; ``n_features`` is the feature size that its
     encoder takes (checked against ``obsm[settings.features_key]``). ``batch_size`` and
@@ -297,9 +301,11 @@ def image_loader(
         patches = PatchExtractor.from_settings(
             adata, settings, library_key=library_key, out_of_bounds=out_of_bounds
         )
-        make = stain_transform if augmented else eval_transform
-        dataset = SpotPatchDataset(
-            patches, indices=idx, transform=make(settings.mean, settings.std)
+        # uint8 to the model's device, normalised there (normalize_batch): a quarter of the bytes
+        # to collate, pin and copy
+        transform = (
+            stain_transform(normalize=False) if augmented else PatchTransform([], normalize=False)
         )
+        dataset = SpotPatchDataset(patches, indices=idx, transform=transform)
     on_gpu = torch.device(device).type == "cuda"
     return DataLoader(dataset, shuffle=False, pin_memory=on_gpu, **loader_settings)

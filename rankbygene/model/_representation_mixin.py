@@ -12,8 +12,12 @@ from scipy import sparse
 from scvi import REGISTRY_KEYS, settings
 
 from rankbygene._precision import inference_autocast
+from rankbygene.data import normalize_batch
 from rankbygene.model._data import image_loader
 from rankbygene.model._setup import check_var_names
+
+#: Batches of embeddings kept on the device before one copy to the host.
+OUTPUTS_PER_COPY = 16
 
 
 class RepresentationMixin:
@@ -112,16 +116,25 @@ class RepresentationMixin:
         channels_last = torch.device(device).type == "cuda" and not module.uses_features
         if channels_last:
             module.teacher_backbone.to(memory_format=torch.channels_last)
-        outputs = []
+        settings = self.image_settings
+        outputs, pending = [], []
         for batch in tqdm(loader, desc="Embedding", disable=not show, unit="batch"):
             images = batch[key].to(device, non_blocking=True)
+            if images.dtype == torch.uint8:  # patches travel as uint8, normalised here
+                images = normalize_batch(images, settings.mean, settings.std)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with inference_autocast(device, precision):
-                out = module.embed_images(images, teacher=True, kind=kind)
-            outputs.append(out.float().cpu().numpy())
+                pending.append(module.embed_images(images, teacher=True, kind=kind).float())
+            # copying each batch back would make the GPU wait for the host between batches
+            if len(pending) == OUTPUTS_PER_COPY:
+                outputs.append(torch.cat(pending).cpu().numpy())
+                pending = []
+        if pending:
+            outputs.append(torch.cat(pending).cpu().numpy())
         if not outputs:
-            return np.zeros((0, module.n_latent), dtype=np.float32)
+            width = module.n_latent if kind == "embedding" else module.n_features
+            return np.zeros((0, width), dtype=np.float32)
         return np.concatenate(outputs).astype(np.float32, copy=False)
 
     @torch.inference_mode()
