@@ -484,3 +484,18 @@ def test_losses_on_cuda_under_fp16_autocast():
     assert torch.allclose(out, ref, rtol=1e-2)
     (out + nce + sampled).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_module_samples_ranking_pairs_only_for_large_batches():
+    from rankbygene.model import RankByGeneModule
+    from rankbygene.model._module import ALL_PAIRS_MAX_BATCH, AUTO_N_PAIRS
+
+    module = RankByGeneModule(n_genes=5, backbone=None, n_input_features=4, n_latent=4)
+    assert module.rank_n_pairs == "auto"  # the default
+    assert module.pairs_per_anchor(ALL_PAIRS_MAX_BATCH) is None  # every pair
+    assert module.pairs_per_anchor(ALL_PAIRS_MAX_BATCH + 1) == AUTO_N_PAIRS
+    for explicit in (None, 16):
+        module = RankByGeneModule(5, None, n_input_features=4, rank_n_pairs=explicit)
+        assert module.pairs_per_anchor(4096) == explicit
+    with pytest.raises(ValueError, match="rank_n_pairs"):
+        RankByGeneModule(5, None, n_input_features=4, rank_n_pairs=0)

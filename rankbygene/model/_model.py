@@ -75,7 +75,8 @@ class RankByGene(
     rank_target
         Gene-side ordering from gene embeddings or from expression profiles.
     rank_n_pairs
-        Sampled pairs per anchor for very large batches (``None``: all pairs).
+        Sampled pairs per anchor for very large batches (``None``: all pairs); ``"auto"``: all
+        pairs up to 512 spots per batch, 256 sampled pairs per anchor above.
     ema
         Teacher momentum at the start and end of training (cosine schedule).
     dropout
@@ -126,7 +127,7 @@ class RankByGene(
         rank_scales: Sequence[int | None] = (8, 32, None),
         rank_delta: float = 0.0,
         rank_target: Literal["embedding", "expression"] = "embedding",
-        rank_n_pairs: int | None = None,
+        rank_n_pairs: int | Literal["auto"] | None = "auto",
         ema: tuple[float, float] = (0.99, 1.0),
         dropout: float = 0.1,
         n_features: int | None = None,

@@ -23,6 +23,13 @@ from rankbygene.model._losses import (
 )
 
 
+#: With ``rank_n_pairs="auto"``: the ranking loss takes every pair up to this many spots per
+#: batch (at most a few per cent of a step on a GPU), and samples this many pairs per anchor
+#: and scale above it (measured on an H200: 5 ms at 4096 spots, against 6.2 s for all pairs).
+ALL_PAIRS_MAX_BATCH = 512
+AUTO_N_PAIRS = 256
+
+
 class RankByGeneModule(BaseModuleClass):
     """Student image encoder f, EMA teacher f_t and gene encoder h, trained with three losses.
 
@@ -60,7 +67,9 @@ class RankByGeneModule(BaseModuleClass):
     rank_target
         Gene-side similarity: of gene embeddings (``"embedding"``) or of expression profiles.
     rank_n_pairs
-        Sampled pairs per anchor (``None``: all pairs).
+        Sampled pairs per anchor and scale (``None``: all pairs); ``"auto"``: all pairs up to
+        :data:`ALL_PAIRS_MAX_BATCH` spots per batch, :data:`AUTO_N_PAIRS` sampled pairs above
+        (all pairs of a batch of ``B`` cost ``O(B^3)``: 3.4 times a training step at 4096).
     is_log_normalized
         Expression is already log-normalised; else counts are normalised to ``target_sum``
         and log1p-transformed here.
@@ -88,7 +97,7 @@ class RankByGeneModule(BaseModuleClass):
         rank_scales: Sequence[int | None] = (8, 32, None),
         rank_delta: float = 0.0,
         rank_target: Literal["embedding", "expression"] = "embedding",
-        rank_n_pairs: int | None = None,
+        rank_n_pairs: int | Literal["auto"] | None = "auto",
         is_log_normalized: bool = False,
         target_sum: float = 1e4,
         feature_noise: float = 0.1,
@@ -101,6 +110,8 @@ class RankByGeneModule(BaseModuleClass):
             raise ValueError(
                 f"rank_target must be 'embedding' or 'expression'; got {rank_target!r}."
             )
+        if rank_n_pairs is not None and rank_n_pairs != "auto" and int(rank_n_pairs) < 1:
+            raise ValueError(f"rank_n_pairs must be None, 'auto' or >= 1; got {rank_n_pairs!r}.")
         n_features = backbone.n_features if backbone is not None else int(n_input_features)
         self.uses_features = backbone is None
         self.student_backbone = backbone.module if backbone is not None else nn.Identity()
@@ -174,6 +185,12 @@ class RankByGeneModule(BaseModuleClass):
             return features
         return nn.functional.normalize(head(self._standardize(features)), dim=-1)
 
+    def pairs_per_anchor(self, batch_size: int) -> int | None:
+        """Sampled pairs per anchor of the ranking loss at this batch size (``None``: all)."""
+        if self.rank_n_pairs != "auto":
+            return self.rank_n_pairs
+        return None if batch_size <= ALL_PAIRS_MAX_BATCH else AUTO_N_PAIRS
+
     def update_teacher(self, momentum: float) -> None:
         """EMA step of the teacher towards the student."""
         update_ema(self.student_backbone, self.teacher_backbone, momentum)
@@ -246,7 +263,7 @@ class RankByGeneModule(BaseModuleClass):
                 scales=self.rank_scales,
                 tau=self.tau_rank,
                 delta=self.rank_delta,
-                n_pairs=self.rank_n_pairs,
+                n_pairs=self.pairs_per_anchor(v.shape[0]),
             )
             if self.lambda_rank
             else zero
