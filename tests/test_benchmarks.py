@@ -31,7 +31,7 @@ def test_gpu_benchmark_cpu_smoke(tmp_path):
     done = _run_benchmark("gpu.py", "--cpu-smoke", "--out", str(out))
     rows = list(csv.DictReader(out.open()))
     parts = {row["part"] for row in rows}
-    assert parts == {"embedding", "training step", "ranking loss"}
+    assert parts == {"embedding", "training step", "end-to-end training", "ranking loss"}
     methods = [row["method"] for row in rows]
     assert any("bare forward" in m for m in methods)
     assert any("pipeline" in m for m in methods)
@@ -41,7 +41,20 @@ def test_gpu_benchmark_cpu_smoke(tmp_path):
         assert float(row["peak_mb"]) > 0
     contrastive = next(row for row in rows if row["method"] == "contrastive only")
     assert float(contrastive["ratio"]) == 1.0
+    # model.train() against the bare step of the same module, defaults and without workers
+    end_to_end = [row for row in rows if row["part"] == "end-to-end training"]
+    assert [float(row["ratio"]) > 0 for row in end_to_end] == [True] * 8
+    assert any("model.train(), defaults" in row["method"] for row in end_to_end)
+    ranking = [row for row in rows if row["part"] == "ranking loss"]
+    assert all(float(row["ratio"]) > 0 for row in ranking)  # over the recipe's step
     assert "ratio" in done.stdout  # the printed table and its legend
+
+
+def test_gpu_benchmark_names_the_wheels_a_gpu_machine_needs():
+    done = _run_benchmark("gpu.py", "--print-wheels", "download")
+    pinned = dict(item.split("==") for item in done.stdout.split())
+    assert {"anndata", "scanpy", "scvi-tools", "kornia"} <= set(pinned)
+    assert all(version[0].isdigit() for version in pinned.values())
 
 
 @pytest.mark.slow
