@@ -10,27 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import secrets
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
 from rankbygene import __version__
-from rankbygene._constants import (
-    IMAGE_EMBEDDING_KEY,
-    SLIDE_CHECKSUM_KEY,
-    SPATIAL_KEY,
-    UNS_KEY,
-)
+from rankbygene._constants import IMAGE_EMBEDDING_KEY, SLIDE_CHECKSUM_KEY, SPATIAL_KEY, UNS_KEY
 from rankbygene._layout import ImageSource, spot_libraries
 from rankbygene._logging import logger
+from rankbygene.tl._slide_files import (
+    SUFFIX,
+    checked_arrays,
+    checksum,
+    file_stamp,
+    read_done,
+    remove_partials,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     from rankbygene.model import RankByGene
@@ -41,13 +42,6 @@ SlideInput = (
     AnnData | Sequence[AnnData] | Mapping[str, AnnData] | pd.DataFrame | pd.Series | str | Path
 )
 Bags = dict[str, np.ndarray]
-
-_SUFFIX = ".h5ad"
-#: Temporary files of a slide being written: ``.<slide_id>.<8 characters>.partial.h5ad``.
-_PARTIAL = ".partial.h5ad"
-_PARTIAL_NAME = re.compile(r"\.(?P<slide_id>.+)\.[a-z0-9_]{8}" + re.escape(_PARTIAL))
-#: ``obsm`` arrays of a finished file that its checksum covers.
-_CHECKED_OBSM = (IMAGE_EMBEDDING_KEY, SPATIAL_KEY)
 
 
 # ------------------------------------------------------------------------------ embedding
@@ -156,7 +150,7 @@ def embed_slides(
     slides = _slide_paths(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_partials(out_dir, slides)
+    remove_partials(out_dir, slides)
     settings = {
         "model": _model_fingerprint(model),
         "kind": kind,
@@ -172,15 +166,15 @@ def embed_slides(
     mismatched = []
     unverified = []
     for slide_id, path in slides.items():
-        output = out_dir / f"{slide_id}{_SUFFIX}"
+        output = out_dir / f"{slide_id}{SUFFIX}"
         if output.is_file() and not overwrite:
-            found = _read_done(output)
+            found = read_done(output)
             if found.problem is not None:
                 logger.warning(f"{output} {found.problem}: slide {slide_id!r} is embedded again.")
             elif found.fingerprint != fingerprint:
                 mismatched.append(f"{output} ({_differences(found.fingerprint, settings)})")
                 continue
-            elif found.stamp != _file_stamp(path):
+            elif found.stamp != file_stamp(path):
                 logger.info(f"{path} changed since {output} was written: embedded again.")
             else:
                 if not found.verified:
@@ -220,7 +214,7 @@ def embed_slides(
     first_error: Exception | None = None
     for slide_id in tqdm(todo, desc="Slides", unit="slide", disable=not show):
         path = slides[slide_id]
-        output = out_dir / f"{slide_id}{_SUFFIX}"
+        output = out_dir / f"{slide_id}{SUFFIX}"
         try:
             tiles = tile_slide(
                 path, tile_size_um=tile_size_um, mpp=mpp, library_id=slide_id, **tile_kwargs
@@ -257,7 +251,7 @@ def embed_slides(
     return pd.DataFrame(
         {
             "path": [str(slides[s]) for s in slides],
-            "output": [str(out_dir / f"{s}{_SUFFIX}") for s in slides],
+            "output": [str(out_dir / f"{s}{SUFFIX}") for s in slides],
             "n_tiles": [n_tiles[s] for s in slides],
             "status": [status[s] for s in slides],
             "error": [errors.get(s) for s in slides],
@@ -283,16 +277,16 @@ def _embed_and_write(
             "tiles; nothing was written."
         )
     tiles.obsm[IMAGE_EMBEDDING_KEY] = embedding
-    stamp = _file_stamp(path)
+    stamp = file_stamp(path)
     tiles.uns[UNS_KEY] = {
         "fingerprint": fingerprint,
         "version": __version__,
         "kind": embed["kind"],
         "source_image_path": str(Path(path).resolve()),
         "source_stamp": stamp,
-        SLIDE_CHECKSUM_KEY: _checksum(fingerprint, stamp, _checked_arrays(tiles.obsm)),
+        SLIDE_CHECKSUM_KEY: checksum(fingerprint, stamp, checked_arrays(tiles.obsm)),
     }
-    _write_atomic(tiles, output)
+    write_atomic(tiles, output)
 
 
 def _slide_paths(
@@ -335,68 +329,6 @@ def _model_fingerprint(model: RankByGene) -> dict[str, Any]:
     }
 
 
-def _file_stamp(path: str | Path) -> str:
-    """Size and modification time of a slide file: a slide rewritten since is embedded again."""
-    try:
-        stat = Path(path).stat()
-    except OSError:
-        return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
-class _Done(NamedTuple):
-    """What a finished file says of itself."""
-
-    fingerprint: str
-    n_tiles: int
-    stamp: str
-    #: Whether a checksum was stored (and matched); files of earlier versions have none.
-    verified: bool
-    #: Why the file cannot be taken as done (unreadable, damaged); ``None`` when it can.
-    problem: str | None
-
-
-def _read_done(path: Path) -> _Done:
-    """Settings fingerprint, tile count and slide stamp of a finished file, once verified."""
-    import h5py
-
-    def text(value: Any) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
-
-    try:
-        with h5py.File(path, "r") as f:
-            entry = f[f"uns/{UNS_KEY}"]
-            fingerprint = text(entry["fingerprint"][()])
-            stamp = text(entry["source_stamp"][()])
-            stored = text(entry[SLIDE_CHECKSUM_KEY][()]) if SLIDE_CHECKSUM_KEY in entry else None
-            arrays = {key: f[f"obsm/{key}"][()] for key in _CHECKED_OBSM if f"obsm/{key}" in f}
-            embedding = arrays[IMAGE_EMBEDDING_KEY]
-    except Exception as err:  # h5py raises many types for a truncated or damaged file
-        return _Done("", 0, "", False, f"is unreadable ({type(err).__name__}: {err})")
-    problem = None
-    if stored is not None and stored != _checksum(fingerprint, stamp, arrays):
-        problem = "is damaged (its contents do not match their checksum)"
-    elif not np.isfinite(embedding).all():
-        problem = "has NaN or infinite embeddings"
-    return _Done(fingerprint, int(embedding.shape[0]), stamp, stored is not None, problem)
-
-
-def _checked_arrays(obsm: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {key: np.asarray(obsm[key]) for key in _CHECKED_OBSM if key in obsm}
-
-
-def _checksum(fingerprint: str, stamp: str, arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 of what a finished file stands for: settings, slide stamp and tile arrays."""
-    digest = hashlib.sha256()
-    for part in (fingerprint, stamp):
-        digest.update(part.encode() + b"\0")
-    for key in sorted(arrays):
-        array = np.ascontiguousarray(arrays[key])
-        digest.update(f"{key}\0{array.dtype.str}\0{array.shape}\0".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def _differences(found: str, expected: dict[str, Any]) -> str:
     try:
         old = json.loads(found)
@@ -404,49 +336,6 @@ def _differences(found: str, expected: dict[str, Any]) -> str:
         return "unknown settings"
     keys = [k for k in expected if old.get(k) != json.loads(json.dumps(expected[k]))]
     return "different " + ", ".join(keys) if keys else "different settings"
-
-
-def _write_atomic(adata: AnnData, path: Path) -> None:
-    """Write ``adata`` to ``path`` through a temporary file, synced, then renamed."""
-    tmp = _new_partial(path)
-    try:
-        adata.write_h5ad(tmp)
-        # on disk before the rename: a crash leaves the previous file or none, never a stub
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _new_partial(path: Path) -> Path:
-    """A new empty temporary file for ``path``, named as :func:`_remove_partials` expects."""
-    while True:
-        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}{_PARTIAL}")
-        try:
-            # created as open() creates files, so the mode is what the umask gives (mkstemp's
-            # would be 0600 whatever the umask); the rename keeps it
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:
-            continue
-        return tmp
-
-
-def _remove_partials(out_dir: Path, slide_ids: Iterable[str]) -> None:
-    """Remove the temporary files that a killed run left for these slides, and only those."""
-    wanted = set(slide_ids)
-    removed = []
-    for candidate in out_dir.glob(f".*{_PARTIAL}"):
-        match = _PARTIAL_NAME.fullmatch(candidate.name)
-        if match and match["slide_id"] in wanted and candidate.is_file():
-            candidate.unlink(missing_ok=True)
-            removed.append(candidate.name)
-    if removed:
-        logger.info(
-            f"removed {len(removed)} unfinished files of an interrupted run from {out_dir}: "
-            + ", ".join(sorted(removed)[:5])
-        )
 
 
 def _plain(value: Any) -> Any:
@@ -545,11 +434,11 @@ def _collect_bags(data: SlideInput, library_key: str | None, use_rep: str) -> Ba
         folder = Path(data)
         if not folder.is_dir():
             raise FileNotFoundError(f"Folder of embedded slides not found: {folder}")
-        files = sorted(folder.glob(f"*{_SUFFIX}"))
+        files = sorted(folder.glob(f"*{SUFFIX}"))
         files = [f for f in files if not f.name.startswith(".")]
         if not files:
-            raise FileNotFoundError(f"No {_SUFFIX} file in {folder}: run embed_slides first.")
-        bags = {f.name[: -len(_SUFFIX)]: _read_rep(f, use_rep) for f in files}
+            raise FileNotFoundError(f"No {SUFFIX} file in {folder}: run embed_slides first.")
+        bags = {f.name[: -len(SUFFIX)]: _read_rep(f, use_rep) for f in files}
     elif isinstance(data, Mapping):
         bags = {}
         for slide_id, adata in data.items():
