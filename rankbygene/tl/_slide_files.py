@@ -9,18 +9,22 @@ into one folder, each its own slides.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from anndata import AnnData
 
 from rankbygene._constants import IMAGE_EMBEDDING_KEY, SLIDE_CHECKSUM_KEY, SPATIAL_KEY, UNS_KEY
 from rankbygene._logging import logger
+
+if TYPE_CHECKING:
+    from rankbygene.model import RankByGene
 
 #: Suffix of a finished slide's file: ``<slide_id>.h5ad``.
 SUFFIX = ".h5ad"
@@ -149,3 +153,38 @@ def remove_partials(out_dir: Path, slide_ids: Iterable[str]) -> None:
             f"removed {len(removed)} unfinished files of an interrupted run from {out_dir}: "
             + ", ".join(sorted(removed)[:5])
         )
+
+
+def model_fingerprint(model: RankByGene) -> dict[str, Any]:
+    """What determines the features: the teacher's weights and the patch geometry."""
+    h = hashlib.blake2b(digest_size=12)
+    module = model.module
+    for part in (module.teacher_backbone, module.teacher_head):
+        for name, tensor in part.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return {
+        "weights": h.hexdigest(),
+        "input_size": int(model.input_size),
+        "patch_scale": float(model.patch_scale),
+        "image_key": model.image_key,
+    }
+
+
+def settings_differences(found: str, expected: dict[str, Any]) -> str:
+    """Which settings of ``expected`` a finished file's fingerprint ``found`` differs in."""
+    try:
+        old = json.loads(found)
+    except json.JSONDecodeError:
+        return "unknown settings"
+    keys = [k for k in expected if old.get(k) != json.loads(json.dumps(expected[k]))]
+    return "different " + ", ".join(keys) if keys else "different settings"
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as JSON can write it (numpy scalars, paths)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
