@@ -176,7 +176,9 @@ def test_array_tasks_write_the_files_of_one_process(
 # ------------------------------------------------------------------------------ torchrun
 
 #: One process of ``torchrun``: embeds the cohort; rank ``KILL_RANK`` (if set) is killed while
-#: it writes its second slide, as a failed node would be. Rank 0 writes the table it returns.
+#: it writes its second slide, as a failed node would be. Then, in the same processes, a second
+#: run, and a run with other settings, which must fail in every process. Rank 0 writes the
+#: tables the runs return, each process the error it got.
 TORCHRUN_WORKER = """
 import os, signal, sys
 import pandas as pd
@@ -197,9 +199,15 @@ if os.environ["RANK"] == os.environ.get("KILL_RANK"):
 
     AnnData.write_h5ad = killed_mid_write
 cohort = pd.read_csv(cohort_csv, index_col="slide_id")
-done = rbg.tl.embed_slides(model, cohort["path"], out, tile_size_um=64, progress=False)
-if os.environ["RANK"] == "0":
-    done.to_csv(table)
+for run in ("first", "again"):
+    done = rbg.tl.embed_slides(model, cohort["path"], out, tile_size_um=64, progress=False)
+    if os.environ["RANK"] == "0":
+        done.to_csv(f"{table}.{run}.csv")
+try:
+    rbg.tl.embed_slides(model, cohort["path"], out, tile_size_um=96, progress=False)
+except ValueError as error:
+    with open(f"{table}.error{os.environ['RANK']}.txt", "w") as handle:
+        handle.write(str(error))
 """
 
 
@@ -214,20 +222,21 @@ def test_torchrun_processes_write_the_files_of_one_process(tmp_path, tiny_model,
     rbg.tl.embed_slides(tiny_model, cohort["path"], one, tile_size_um=64, progress=False)
     worker = tmp_path / "worker.py"
     worker.write_text(TORCHRUN_WORKER)
-    out, table = tmp_path / "features", tmp_path / "table.csv"
+    out, table = tmp_path / "features", tmp_path / "table"
 
     def torchrun(**environ):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         command += ["--nproc-per-node", "2", str(worker), str(tmp_path / "model")]
         command += [str(tmp_path / "slides" / "cohort.csv"), str(out), str(table)]
-        table.unlink(missing_ok=True)
-        run = subprocess.run(
+        return subprocess.run(
             command, env={**os.environ, **environ}, capture_output=True, text=True, timeout=600
         )
-        return run, pd.read_csv(table, index_col="slide_id") if table.exists() else None
+
+    def returned(run):
+        return pd.read_csv(f"{table}.{run}.csv", index_col="slide_id")
 
     # a process killed mid-slide: torchrun stops the other, whatever it was doing
-    failed, _ = torchrun(KILL_RANK="1")
+    failed = torchrun(KILL_RANK="1")
     assert failed.returncode != 0, failed.stderr[-3000:]
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("slide_*.h5ad")}
     left = [p.name for p in out.glob(".*.partial.h5ad")]
@@ -238,20 +247,25 @@ def test_torchrun_processes_write_the_files_of_one_process(tmp_path, tiny_model,
     assert "have no finished file, only a temporary one" in caplog.text
 
     # the next run embeds what no process finished, and only that
-    resumed, done = torchrun()
+    resumed = torchrun()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = returned("first")
     skipped = {f"{s}.h5ad" for s in done.index[done["status"] == "skipped"]}
     assert skipped == set(finished)
     assert (done["status"][done["status"] != "skipped"] == "embedded").all()
-    written = re.findall(r"wrote \S+ \d+ tiles of slide '(\w+)'", resumed.stderr + resumed.stdout)
+    logged = resumed.stderr + resumed.stdout
+    written = re.findall(r"wrote \S+ \d+ tiles of slide '(\w+)'", logged)
     assert sorted(written) == sorted(done.index[done["status"] == "embedded"])  # each once
     assert {p: (out / p).stat().st_mtime_ns for p in finished} == finished  # not rewritten
     assert _read_bytes(out) == _read_bytes(one)  # no temporary file left; files byte-equal
 
-    # a second run embeds nothing
-    again, done = torchrun()
-    assert again.returncode == 0, again.stderr[-3000:]
+    # a second run embeds nothing; other settings fail in every process before any work
+    done = returned("again")
     assert (done["status"] == "skipped").all()
+    for rank in (0, 1):
+        error = (tmp_path / f"table.error{rank}.txt").read_text()
+        assert f"6 slides in {out} were embedded with other settings" in error
+    assert {p: (out / p).stat().st_mtime_ns for p in finished} == finished
     assert done["n_tiles"].tolist() == [
         rbg.tl.slide_features(one, method="attention")[s].shape[0] for s in done.index
     ]

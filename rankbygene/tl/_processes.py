@@ -9,6 +9,7 @@ through the group, so they share out what is left to do.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,9 @@ _ARRAY_VARIABLES = {
 }
 
 Shard = tuple[int, int] | Literal["array"] | None
+
+#: Process groups started here so far (every process starts the same ones, in the same order).
+_STARTED = itertools.count()
 
 
 def resolve_shard(shard: Shard, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
@@ -177,7 +181,13 @@ def joined_processes() -> Iterator[Processes]:
             return
         group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     elif _launched(os.environ):
-        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+        store, rank, size = next(dist.rendezvous("env://"))
+        # keys of its own in the launcher's store: a group started again later (by the next
+        # call, or by Lightning) must not read this one's addresses, left under the same keys
+        store = dist.PrefixStore(f"rankbygene/{next(_STARTED)}", store)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT
+        )
         group, started = None, True
     else:
         yield Processes()
