@@ -2,8 +2,9 @@
 
 A slide's file is written as a hidden temporary file (``.<slide_id>.<8 characters>.partial.h5ad``),
 synced to disk and renamed; it holds a SHA-256 of what it stands for, so that a file counts as
-finished only when it can be read and matches its checksum. Any number of processes may write
-into one folder, each its own slides.
+finished only when it can be read and matches its checksum, and is taken as done only when
+it was made with the same settings (model weights, geometry, tiling) from the same slide file.
+Any number of processes may write into one folder, each its own slides.
 """
 
 from __future__ import annotations
