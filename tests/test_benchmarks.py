@@ -58,6 +58,20 @@ def test_gpu_benchmark_names_the_wheels_a_gpu_machine_needs():
 
 
 @pytest.mark.slow
+def test_cohort_benchmark_smoke(tmp_path):
+    """One process and two under torchrun (gloo), on a tiny cohort: same files, a speed each."""
+    out = tmp_path / "cohort.csv"
+    done = _run_benchmark("cohort.py", "--smoke", "--out", str(out))
+    rows = list(csv.DictReader(out.open()))
+    assert [(row["processes"], row["threads"]) for row in rows] == [("1", "1"), ("2", "1")]
+    assert len({row["tiles"] for row in rows}) == 1
+    assert all(row["same_files"] == "True" for row in rows)
+    assert all(float(row["tiles_per_s"]) > 0 for row in rows)
+    assert float(rows[0]["ratio"]) == 1.0
+    assert "| 2 x 1 |" in done.stdout
+
+
+@pytest.mark.slow
 @requires_her2st
 def test_her2st_benchmark_end_to_end(tmp_path):
     out = tmp_path / "her2st.csv"
