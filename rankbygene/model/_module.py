@@ -22,7 +22,6 @@ from rankbygene.model._losses import (
     ranking_consistency_loss,
 )
 
-
 #: With ``rank_n_pairs="auto"``: the ranking loss takes every pair up to this many spots per
 #: batch (at most a few per cent of a step on a GPU), and samples this many pairs per anchor
 #: and scale above it (measured on an H200: 5 ms at 4096 spots, against 6.2 s for all pairs).
