@@ -1081,6 +1081,41 @@ def test_setup_rejects_spots_outside_their_image(scaled: str, factor: float) -> 
         rbg.RankByGene.setup_anndata(adata, layer="counts")
 
 
+@cache
+def _slide(kind: str, seed: int) -> AnnData:
+    """A valid synthetic slide: Visium-like spots, or Visium HD bins of 16 um."""
+    if kind == "visium":
+        return rbg.datasets.synthetic(n_slides=1, n_spots=100, n_genes=20, seed=seed)
+    sdata = rbg.datasets.synthetic_visium_hd(size_um=400, bin_sizes_um=(16,), n_genes=20, seed=seed)
+    return rbg.io.from_spatialdata(sdata, table_key="square_016um")
+
+
+_LAYOUT_FIXES = {
+    "x0.5": "multiply them by 2",
+    "x2": "divide them by 2",
+    "swap": "swap the columns",
+}
+
+
+@settings(examples(8), phases=[Phase.explicit, Phase.generate])
+@given(
+    kind=st.sampled_from(["visium", "visium_hd"]),
+    seed=st.integers(0, 20),
+    how=st.sampled_from(sorted(_LAYOUT_FIXES)),
+)
+def test_setup_refuses_spots_on_a_scaled_or_swapped_copy_of_the_tissue(
+    kind: str, seed: int, how: str
+) -> None:
+    """Valid slides pass; their spots x0.5, x2 or swapped are refused, naming the fix."""
+    adata = _slide(kind, seed).copy()
+    layer = "counts" if "counts" in adata.layers else None
+    rbg.RankByGene.setup_anndata(adata.copy(), layer=layer, library_key="library_id")
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    adata.obsm["spatial"] = {"x0.5": xy / 2, "x2": xy * 2, "swap": xy[:, ::-1].copy()}[how]
+    with pytest.raises(ValueError, match=re.escape(_LAYOUT_FIXES[how])):
+        rbg.RankByGene.setup_anndata(adata, layer=layer, library_key="library_id")
+
+
 def test_setup_anndata_needs_an_anndata() -> None:
     """Anything but an AnnData is a TypeError."""
     with pytest.raises(TypeError, match="AnnData"):
