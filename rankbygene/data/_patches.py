@@ -17,7 +17,13 @@ from anndata import AnnData
 from rankbygene._constants import IMAGES_KEY, MAX_SPOT_UPSAMPLING, SPATIAL_KEY
 from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
-from rankbygene.io._image import BACKGROUND, ArrayImage, is_lazy_array, open_image
+from rankbygene.io._image import (
+    BACKGROUND,
+    ArrayImage,
+    as_rgb_uint8,
+    is_lazy_array,
+    open_image,
+)
 from rankbygene.io._patch_file import PATCH_BARCODE_KEYS, PATCH_IMAGE_KEYS, PatchFile
 
 if TYPE_CHECKING:
@@ -63,9 +69,11 @@ class PatchExtractor:
     patch_size
         Side in pixels of the returned patches (the encoder's input size).
     out_of_bounds
-        Spots whose patch extends beyond the image (or, for precomputed patches, that have no
-        row in the file): ``"raise"`` an error counting them per library, ``"pad"`` with white,
-        or ``"drop"`` them (see :attr:`valid` and :attr:`indices`).
+        Spots whose patch misses pixels: it extends beyond the image, holds NaN or infinite
+        pixels (of an in-memory float image), or, for precomputed patches, the spot has no row
+        in the file. ``"pad"`` the missing pixels with white, with a warning counting them
+        per library (the default, throughout the package), ``"raise"`` an error counting
+        them, or ``"drop"`` them (see :attr:`valid` and :attr:`indices`).
     cache
         Keep decoded patches: ``"memory"`` (a uint8 array of all kept patches) or ``"disk"`` (a
         ``.npy`` memory map under ``cache_dir``, reused by later runs on the same inputs).
@@ -118,7 +126,7 @@ class PatchExtractor:
         image_key: str | None = None,
         patch_scale: float = 1.0,
         patch_size: int = 224,
-        out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        out_of_bounds: Literal["raise", "pad", "drop"] = "pad",
         cache: Literal["memory", "disk"] | None = None,
         cache_dir: str | Path | None = None,
         max_open_images: int = 1,
@@ -147,6 +155,8 @@ class PatchExtractor:
         self._rows = np.full(self.n_obs, -1, dtype=np.int64)  # row in a patches file
         self._boxes = np.zeros((self.n_obs, 3), dtype=np.float64)  # x0, y0, side in image pixels
         inside = np.ones(self.n_obs, dtype=bool)
+        finite = np.ones(self.n_obs, dtype=bool)  # no NaN or infinite pixel in the patch
+        self._nonfinite: dict[str, int] = {}  # library to its image's NaN or infinite pixels
         obs_names = adata.obs_names.astype(str).to_numpy()
         for code, lib in enumerate(libraries):
             source = sources[lib]
@@ -156,8 +166,15 @@ class PatchExtractor:
                 self._rows[spots] = rows
                 inside[spots] = rows >= 0
                 continue
+            missing = None
             if source.kind == "memory":
                 array = _memory_image(adata, source)
+                missing = _nonfinite_pixels(array)
+                if missing is not None:
+                    # NaN and inf have no colour: white, as the glass beyond the image
+                    self._nonfinite[lib] = int(np.count_nonzero(missing))
+                    array = as_rgb_uint8(array)
+                    array[missing] = BACKGROUND
                 self._arrays[lib] = array
                 self._shapes[lib] = tuple(array.shape[:2])
             else:
@@ -169,12 +186,14 @@ class PatchExtractor:
             self._boxes[spots, 1] = centres[:, 1] - side / 2
             self._boxes[spots, 2] = side
             inside[spots] = _inside(self._boxes[spots], self._shapes[lib])
+            if missing is not None:
+                finite[spots] = _pixels_in_boxes(missing, self._boxes[spots]) == 0
         self.check_resolution(sources, self.patch_scale, self.patch_size)
         if self.patch_scale != 1.0:
             fixed = [lib for lib in libraries if sources[lib].kind == "patches"]
             if fixed:
                 logger.warning(f"patch_scale is ignored for precomputed patches of {fixed}.")
-        self.valid = self._resolve_out_of_bounds(inside)
+        self.valid = self._resolve_out_of_bounds(inside, finite)
         self.indices = np.flatnonzero(self.valid)
         self._slot = np.full(self.n_obs, -1, dtype=np.int64)  # position in the cache
         self._slot[self.indices] = np.arange(len(self.indices))
@@ -204,7 +223,7 @@ class PatchExtractor:
         adata: AnnData,
         settings: ImageSettings,
         library_key: str | None = None,
-        out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        out_of_bounds: Literal["raise", "pad", "drop"] = "pad",
         cache: Literal["memory", "disk"] | None = None,
         cache_dir: str | Path | None = None,
     ) -> PatchExtractor:
@@ -525,22 +544,39 @@ class PatchExtractor:
 
     # ------------------------------------------------------------------ validation
 
-    def _resolve_out_of_bounds(self, inside: np.ndarray) -> np.ndarray:
+    def _resolve_out_of_bounds(self, inside: np.ndarray, finite: np.ndarray) -> np.ndarray:
+        """Spots kept; spots whose patch leaves the image or holds NaN pixels counted first.
+
+        ``"raise"`` names them in an error, ``"pad"`` in a warning, ``"drop"`` in the log.
+        """
         outside = ~inside
-        if not outside.any() or self.out_of_bounds == "pad":
+        nonfinite = ~finite & inside
+        lacking = outside | nonfinite  # spots whose patch misses some of its pixels
+        if not lacking.any():
             return np.ones(self.n_obs, dtype=bool)
-        counts = {
-            lib: (
-                int(np.count_nonzero(outside[self._library_code == code])),
-                int(np.count_nonzero(self._library_code == code)),
+        precomputed = np.array([self.sources[lib].kind == "patches" for lib in self.libraries])
+        no_row = outside & precomputed[self._library_code]
+        beyond = outside & ~no_row
+        found = []
+        if beyond.any():
+            away = beyond & self._entirely_outside()
+            found.append(
+                f"{int(beyond.sum())} spots whose patch extends beyond the image "
+                f"({self._per_library(beyond)})"
+                + (f", {int(away.sum())} of them entirely outside it" if away.any() else "")
             )
-            for code, lib in enumerate(self.libraries)
-        }
-        detail = ", ".join(f"{lib!r}: {n} of {total}" for lib, (n, total) in counts.items() if n)
-        what = (
-            "whose patch extends beyond the image"
-            " (or, for precomputed patches, that have no row in the patches file)"
-        )
+        if no_row.any():
+            found.append(
+                f"{int(no_row.sum())} spots that have no row in the patches file "
+                f"({self._per_library(no_row)})"
+            )
+        if nonfinite.any():
+            pixels = ", ".join(f"{lib!r}: {n}" for lib, n in self._nonfinite.items())
+            found.append(
+                f"{int(nonfinite.sum())} spots whose patch holds NaN or infinite pixels "
+                f"({self._per_library(nonfinite)}; such pixels per image: {pixels})"
+            )
+        found = " and ".join(found)
         if outside.all():
             hint = (
                 " None has a patch: are obsm coordinates in full-resolution pixels, and is the "
@@ -548,15 +584,44 @@ class PatchExtractor:
             )
         else:
             hint = ""
+        if self.out_of_bounds == "pad":
+            warnings.warn(
+                f"{found}: their missing pixels are white (out_of_bounds='pad').{hint}",
+                UserWarning,
+                stacklevel=3,
+            )
+            return np.ones(self.n_obs, dtype=bool)
         if self.out_of_bounds == "drop":
-            if outside.all():
-                raise ValueError(f"All {self.n_obs} spots would be dropped ({detail}).{hint}")
-            logger.info(f"dropped {int(outside.sum())} spots {what} ({detail})")
-            return inside.copy()
+            if lacking.all():
+                raise ValueError(f"All {self.n_obs} spots would be dropped: {found}.{hint}")
+            logger.info(f"dropped {found}")
+            return ~lacking
         raise ValueError(
-            f"{int(outside.sum())} spots {what} ({detail}). Pass out_of_bounds='pad' to fill the "
-            f"missing pixels with white, or out_of_bounds='drop' to exclude them.{hint}"
+            f"{found}. Pass out_of_bounds='pad' to fill the missing pixels with white, or "
+            f"out_of_bounds='drop' to exclude them.{hint}"
         )
+
+    def _per_library(self, spots: np.ndarray) -> str:
+        """``'lib': n of total`` for each library with some of ``spots``."""
+        counts = []
+        for code, lib in enumerate(self.libraries):
+            of_library = self._library_code == code
+            n = int(np.count_nonzero(spots & of_library))
+            if n:
+                counts.append(f"{lib!r}: {n} of {int(np.count_nonzero(of_library))}")
+        return ", ".join(counts)
+
+    def _entirely_outside(self) -> np.ndarray:
+        """Spots whose patch box does not meet its image at all (precomputed patches: none)."""
+        away = np.zeros(self.n_obs, dtype=bool)
+        for code, lib in enumerate(self.libraries):
+            if self.sources[lib].kind == "patches":
+                continue
+            spots = self._library_code == code
+            x0, y0, side = self._boxes[spots].T
+            height, width = self._shapes[lib]
+            away[spots] = (x0 + side <= 0) | (y0 + side <= 0) | (x0 >= width) | (y0 >= height)
+        return away
 
     # ------------------------------------------------------------------ caches
 
@@ -673,6 +738,32 @@ def _inside(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     y0 = np.floor(boxes[:, 1])
     side = np.maximum(1, np.round(boxes[:, 2]))
     return (x0 >= 0) & (y0 >= 0) & (x0 + side <= width) & (y0 + side <= height)
+
+
+def _nonfinite_pixels(array: Any) -> np.ndarray | None:
+    """``(H, W)`` mask of an in-memory float image's NaN or infinite pixels; ``None`` if none.
+
+    Lazy arrays are not read whole for this; their pixels are converted as they are read.
+    """
+    if is_lazy_array(array) or array.dtype.kind != "f":
+        return None
+    missing = ~np.isfinite(array)
+    if missing.ndim == 3:
+        missing = missing.any(axis=-1)
+    return missing if missing.any() else None
+
+
+def _pixels_in_boxes(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` in each box, with the rounding that ``read_region`` applies."""
+    height, width = mask.shape
+    table = np.zeros((height + 1, width + 1), dtype=np.int64)
+    table[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    side = np.maximum(1, np.round(boxes[:, 2])).astype(np.int64)
+    x0 = np.floor(boxes[:, 0]).astype(np.int64)
+    y0 = np.floor(boxes[:, 1]).astype(np.int64)
+    c0, c1 = np.clip(x0, 0, width), np.clip(x0 + side, 0, width)
+    r0, r1 = np.clip(y0, 0, height), np.clip(y0 + side, 0, height)
+    return table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
 
 
 def _npy_problem(path: Path, shape: tuple[int, ...], dtype: Any) -> str | None:
