@@ -399,7 +399,7 @@ def test_damaged_disk_cache_is_rebuilt_not_served(tmp_path, caplog, which, how):
     first.close()
     damaged = first.cache_path
     if which == "mask":
-        damaged = damaged.with_suffix(".filled.npy")
+        damaged = damaged.with_suffix(".sums.npy")
     _cut(damaged, how)
     with caplog.at_level("WARNING", logger="rankbygene"):
         again = PatchExtractor(adata, **kwargs)
@@ -410,6 +410,39 @@ def test_damaged_disk_cache_is_rebuilt_not_served(tmp_path, caplog, which, how):
         np.testing.assert_array_equal(again[i], plain[i])
     again.close()
     assert np.load(again.cache_path).shape == (adata.n_obs, 12, 12, 3)
+
+
+@pytest.mark.parametrize("which", ["pixels", "checksums"])
+def test_flipped_byte_in_disk_cache_is_repaired_not_served(tmp_path, caplog, monkeypatch, which):
+    adata, _ = multi_library(tmp_path)
+    kwargs = {"library_key": "library_id", "patch_size": 12, "cache": "disk", "cache_dir": tmp_path}
+    first = PatchExtractor(adata, **kwargs).materialize(progress=False)
+    first.close()
+    spot, patch_bytes = 3, 12 * 12 * 3
+    path = first.cache_path if which == "pixels" else first.cache_path.with_suffix(".sums.npy")
+    data = bytearray(path.read_bytes())
+    header = len(data) - (adata.n_obs * (patch_bytes if which == "pixels" else 8))
+    data[header + spot * (patch_bytes if which == "pixels" else 8) + 5] ^= 0x01
+    path.write_bytes(bytes(data))  # same size, same header: only a checksum can tell
+
+    plain = PatchExtractor(adata, library_key="library_id", patch_size=12)
+    expected = [plain[i] for i in range(adata.n_obs)]
+    again = PatchExtractor(adata, **kwargs)
+    assert again.n_cached == adata.n_obs
+    with caplog.at_level("WARNING", logger="rankbygene"):
+        served = [again[i] for i in range(adata.n_obs)]
+    assert f"the patch of spot {spot} does not match its checksum" in caplog.text
+    for i in range(adata.n_obs):
+        np.testing.assert_array_equal(served[i], expected[i])
+    again.close()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a repaired cache serves every patch")
+
+    monkeypatch.setattr(PatchExtractor, "_read", fail)
+    repaired = PatchExtractor(adata, **kwargs)
+    for i in range(adata.n_obs):
+        np.testing.assert_array_equal(repaired[i], expected[i])
 
 
 def test_damaged_disk_cache_is_rebuilt_by_a_receiving_process(tmp_path):

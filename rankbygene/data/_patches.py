@@ -6,6 +6,7 @@ import hashlib
 import os
 import tempfile
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["PatchExtractor"]
 
-_CACHE_FORMAT = 1  # bump when the pixels produced for the same inputs change
+_CACHE_FORMAT = 2  # bump when the pixels produced for the same inputs, or the files, change
+# A cached patch's entry in the checksum array: this bit, so that no entry of a patch is 0
+# (not cached), and the CRC-32 of its pixels, which finds any flipped byte of the patch.
+_CACHED = np.uint64(1 << 32)
 _OUT_OF_BOUNDS = ("raise", "pad", "drop")
 _CACHES = (None, "memory", "disk")
 # (image, patch pixels, input size) already reported by check_resolution in this process
@@ -201,7 +205,8 @@ class PatchExtractor:
         self.cache = cache
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._store: np.ndarray | None = None  # cached patches, one row per kept spot
-        self._filled: np.ndarray | None = None
+        self._sums: np.ndarray | None = None  # per kept spot: 0, or _CACHED | CRC-32 of its patch
+        self._repaired = 0  # cached patches found damaged, in this process
         self._cache_path: Path | None = None
         if cache == "disk":
             directory = self.cache_dir or Path(tempfile.gettempdir()) / "rankbygene_patches"
@@ -279,12 +284,14 @@ class PatchExtractor:
             )
         if self._store is None and self.cache == "disk":
             self._open_disk_cache(create=False)
-        if self._filled is not None and self._filled[slot]:
-            return np.array(self._store[slot])
+        if self._sums is not None and self._sums[slot]:
+            patch = np.array(self._store[slot])
+            if self.cache != "disk" or self._sums[slot] == _patch_sum(patch):
+                return patch
+            self._report_damage(i)  # changed on disk: read again, and cached again
         patch = self._read(i)
         if self._store is not None:
-            self._store[slot] = patch
-            self._filled[slot] = True  # after the pixels, so a reader never sees a half patch
+            self._cache_patch(slot, patch)
         return patch
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -297,13 +304,13 @@ class PatchExtractor:
         """Number of kept spots whose patch is in the cache."""
         if self.cache is None:
             return 0
-        if self._filled is None and self.cache == "disk":
+        if self._sums is None and self.cache == "disk":
             self._open_disk_cache(create=False)
-        return int(np.count_nonzero(self._filled))
+        return int(np.count_nonzero(self._sums))
 
     @property
     def cache_path(self) -> Path | None:
-        """The ``.npy`` file of the disk cache (its filled mask is beside it), else ``None``."""
+        """The ``.npy`` file of the disk cache (its checksums are beside it), else ``None``."""
         return self._cache_path
 
     @property
@@ -337,7 +344,7 @@ class PatchExtractor:
             raise ValueError("materialize() needs a cache: pass cache='memory' or cache='disk'.")
         if self._store is None:
             self._open_disk_cache(create=True)
-        todo = np.flatnonzero(~self._filled)
+        todo = np.flatnonzero(self._sums == 0)
         n_before = len(self.indices) - len(todo)
         bar = tqdm(total=len(todo), disable=not progress, desc="Extracting patches", unit="patch")
         try:
@@ -348,8 +355,7 @@ class PatchExtractor:
                     continue
                 bar.set_postfix_str(lib, refresh=False)
                 for slot in slots:
-                    self._store[slot] = self._read(int(self.indices[slot]))
-                    self._filled[slot] = True
+                    self._cache_patch(slot, self._read(int(self.indices[slot])))
                     bar.update()
                 self._release(lib)  # one decoded image at a time
                 self._flush()
@@ -383,9 +389,9 @@ class PatchExtractor:
         state["_inherited"] = []
         state["_pid"] = None
         if self.cache == "disk":
-            state["_store"] = state["_filled"] = None  # reopened as a shared memory map
-        elif self._filled is not None and not self._filled.any():
-            state["_store"] = state["_filled"] = None  # nothing worth shipping
+            state["_store"] = state["_sums"] = None  # reopened as a shared memory map
+        elif self._sums is not None and not self._sums.any():
+            state["_store"] = state["_sums"] = None  # nothing worth shipping
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -629,36 +635,50 @@ class PatchExtractor:
         size = self.patch_size
         # np.empty commits no memory until a patch is written
         self._store = np.empty((len(self.indices), size, size, 3), dtype=np.uint8)
-        self._filled = np.zeros(len(self.indices), dtype=bool)
+        self._sums = np.zeros(len(self.indices), dtype=np.uint64)
+
+    def _cache_patch(self, slot: int, patch: np.ndarray) -> None:
+        self._store[slot] = patch
+        self._sums[slot] = _patch_sum(patch)  # after the pixels: a reader never sees half a patch
+
+    def _report_damage(self, i: int) -> None:
+        self._repaired += 1
+        if self._repaired == 1:
+            logger.warning(
+                f"Patch cache {self._cache_path}: the patch of spot {i} does not match its "
+                "checksum (the file changed on disk): it is read again from the image. Other "
+                "damaged patches are read again without a message."
+            )
 
     def _open_disk_cache(self, create: bool) -> None:
-        """Map the cache's pixels and filled mask, rebuilding a file that is damaged.
+        """Map the cache's pixels and their checksums, rebuilding a file that is damaged.
 
         ``create=False`` (a process that received the extractor) requires both files to exist.
         """
         path = self._cache_path
-        mask_path = path.with_suffix(".filled.npy")
+        sums_path = path.with_suffix(".sums.npy")
         shape = (len(self.indices), self.patch_size, self.patch_size, 3)
-        if not create and not (path.is_file() and mask_path.is_file()):
+        if not create and not (path.is_file() and sums_path.is_file()):
             raise FileNotFoundError(f"The patch cache {path} is gone; build a new extractor.")
         path.parent.mkdir(parents=True, exist_ok=True)
         store = _open_npy(path, shape, np.uint8)
         if store is None:
-            # A mask is only trusted beside the pixels it was filled with; it goes first, so that
-            # a run killed between the two files never leaves an old mask beside new pixels.
-            mask_path.unlink(missing_ok=True)
+            # Checksums are only trusted beside the pixels they were computed on; they go
+            # first, so that a run killed between the two files never leaves old ones behind.
+            sums_path.unlink(missing_ok=True)
             store = _create_npy(path, shape, np.uint8)
-        filled = _open_npy(mask_path, (shape[0],), np.bool_)
-        if filled is None:
-            filled = _create_npy(mask_path, (shape[0],), np.bool_)
-        self._store, self._filled = store, filled
+        sums = _open_npy(sums_path, (shape[0],), np.uint64)
+        if sums is None:
+            sums = _create_npy(sums_path, (shape[0],), np.uint64)
+        self._store, self._sums = store, sums
         if create:
-            logger.info(f"patch cache {path}: {int(filled.sum())} of {shape[0]} patches cached")
+            n_cached = int(np.count_nonzero(sums))
+            logger.info(f"patch cache {path}: {n_cached} of {shape[0]} patches cached")
 
     def _flush(self) -> None:
         if self.cache == "disk" and self._store is not None:
             self._store.flush()
-            self._filled.flush()
+            self._sums.flush()
 
     def _cache_digest(self) -> str:
         """Hash of everything that determines the cached pixels and their order."""
@@ -738,6 +758,11 @@ def _inside(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     y0 = np.floor(boxes[:, 1])
     side = np.maximum(1, np.round(boxes[:, 2]))
     return (x0 >= 0) & (y0 >= 0) & (x0 + side <= width) & (y0 + side <= height)
+
+
+def _patch_sum(patch: np.ndarray) -> np.uint64:
+    """A cached patch's checksum entry: ``_CACHED`` with the CRC-32 of its pixels."""
+    return _CACHED | np.uint64(zlib.crc32(np.ascontiguousarray(patch).data))
 
 
 def _nonfinite_pixels(array: Any) -> np.ndarray | None:
