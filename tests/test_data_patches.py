@@ -162,12 +162,13 @@ def test_out_of_bounds_raise_counts_per_library():
     adata = make_adata(coords=EDGE)
     before = copy.deepcopy(adata)
     with pytest.raises(ValueError, match=r"3 spots .*'lib': 3 of 5.*out_of_bounds='pad'.*'drop'"):
-        PatchExtractor(adata, patch_size=10)
+        PatchExtractor(adata, patch_size=10, out_of_bounds="raise")
     assert_unchanged(adata, before)
 
 
 def test_out_of_bounds_pad_fills_white():
-    patches = PatchExtractor(make_adata(coords=EDGE), patch_size=10, out_of_bounds="pad")
+    with pytest.warns(UserWarning, match=r"^3 spots .*\('lib': 3 of 5\): their missing pix"):
+        patches = PatchExtractor(make_adata(coords=EDGE), patch_size=10)  # pad: the default
     assert patches.valid.all()
     patch = patches[1]  # x = 2: the 3 leftmost columns lie outside the image
     assert (patch[:, :3] == 255).all()
@@ -189,6 +190,40 @@ def test_out_of_bounds_drop():
     assert [p.shape for p in patches] == [(10, 10, 3)] * 2  # iterates over the kept spots
     with pytest.raises(IndexError):
         patches[5]
+
+
+def test_pad_counts_the_spots_entirely_outside():
+    coords = np.vstack([EDGE, [[500.0, 30.0], [40.0, -90.0]]])
+    with pytest.warns(UserWarning, match=r"5 spots .*'lib': 5 of 7\), 2 of them entirely out"):
+        PatchExtractor(make_adata(coords=coords), patch_size=10)
+
+
+def _with_nan(image: np.ndarray) -> np.ndarray:
+    image = image.astype(np.float32) / 255.0
+    image[30:32, 40:43] = np.nan  # under the spot at (40, 30): 6 pixels
+    image[0, 0, 1] = np.inf  # one channel of one pixel, under no spot
+    return image
+
+
+@pytest.mark.parametrize("out_of_bounds", ["raise", "pad", "drop"])
+def test_nan_pixels_are_counted_as_missing(out_of_bounds):
+    adata = make_adata(image=_with_nan(IMAGE))
+    message = r"1 spots whose patch holds NaN or infinite pixels \('lib': 1 of 5; such pixels "
+    message += r"per image: 'lib': 7\)"
+    if out_of_bounds == "raise":
+        with pytest.raises(ValueError, match=message + r"\. Pass out_of_bounds='pad'"):
+            PatchExtractor(adata, patch_size=10, out_of_bounds="raise")
+        return
+    if out_of_bounds == "drop":
+        patches = PatchExtractor(adata, patch_size=10, out_of_bounds="drop")
+        np.testing.assert_array_equal(patches.indices, [0, 2, 3, 4])
+        return
+    with pytest.warns(UserWarning, match=message + ": their missing pixels are white"):
+        patches = PatchExtractor(adata, patch_size=10)
+    patch = patches[1]  # the spot at (40, 30): its box is [35, 45) x [25, 35)
+    assert (patch[5:7, 5:8] == 255).all()  # NaN is white, as the glass beyond the image
+    np.testing.assert_array_equal(patch[:5], crop(IMAGE, 40, 30, 10)[:5])
+    assert np.isnan(adata.uns["spatial"]["lib"]["images"]["hires"]).sum() == 18  # unchanged
 
 
 def test_all_out_of_bounds_hints_at_units():
@@ -364,7 +399,7 @@ def test_damaged_disk_cache_is_rebuilt_not_served(tmp_path, caplog, which, how):
     first.close()
     damaged = first.cache_path
     if which == "mask":
-        damaged = damaged.with_suffix(".filled.npy")
+        damaged = damaged.with_suffix(".sums.npy")
     _cut(damaged, how)
     with caplog.at_level("WARNING", logger="rankbygene"):
         again = PatchExtractor(adata, **kwargs)
@@ -375,6 +410,39 @@ def test_damaged_disk_cache_is_rebuilt_not_served(tmp_path, caplog, which, how):
         np.testing.assert_array_equal(again[i], plain[i])
     again.close()
     assert np.load(again.cache_path).shape == (adata.n_obs, 12, 12, 3)
+
+
+@pytest.mark.parametrize("which", ["pixels", "checksums"])
+def test_flipped_byte_in_disk_cache_is_repaired_not_served(tmp_path, caplog, monkeypatch, which):
+    adata, _ = multi_library(tmp_path)
+    kwargs = {"library_key": "library_id", "patch_size": 12, "cache": "disk", "cache_dir": tmp_path}
+    first = PatchExtractor(adata, **kwargs).materialize(progress=False)
+    first.close()
+    spot, patch_bytes = 3, 12 * 12 * 3
+    path = first.cache_path if which == "pixels" else first.cache_path.with_suffix(".sums.npy")
+    data = bytearray(path.read_bytes())
+    header = len(data) - (adata.n_obs * (patch_bytes if which == "pixels" else 8))
+    data[header + spot * (patch_bytes if which == "pixels" else 8) + 5] ^= 0x01
+    path.write_bytes(bytes(data))  # same size, same header: only a checksum can tell
+
+    plain = PatchExtractor(adata, library_key="library_id", patch_size=12)
+    expected = [plain[i] for i in range(adata.n_obs)]
+    again = PatchExtractor(adata, **kwargs)
+    assert again.n_cached == adata.n_obs
+    with caplog.at_level("WARNING", logger="rankbygene"):
+        served = [again[i] for i in range(adata.n_obs)]
+    assert f"the patch of spot {spot} does not match its checksum" in caplog.text
+    for i in range(adata.n_obs):
+        np.testing.assert_array_equal(served[i], expected[i])
+    again.close()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a repaired cache serves every patch")
+
+    monkeypatch.setattr(PatchExtractor, "_read", fail)
+    repaired = PatchExtractor(adata, **kwargs)
+    for i in range(adata.n_obs):
+        np.testing.assert_array_equal(repaired[i], expected[i])
 
 
 def test_damaged_disk_cache_is_rebuilt_by_a_receiving_process(tmp_path):
@@ -551,13 +619,14 @@ def test_precomputed_patches_from_hdf5(tmp_path):
     adata.uns["spatial"] = {"hest": {"images": {}, "scalefactors": {}, "metadata": {}}}
     adata.uns["spatial"]["hest"]["metadata"]["patches_path"] = str(path)
 
-    with pytest.raises(ValueError, match=r"1 spots .*no row in the patches file"):
-        PatchExtractor(adata, patch_size=16)
+    with pytest.raises(ValueError, match=r"^1 spots that have no row in the patches file \('"):
+        PatchExtractor(adata, patch_size=16, out_of_bounds="raise")
     patches = PatchExtractor(adata, patch_size=16, out_of_bounds="drop")
     np.testing.assert_array_equal(patches.indices, [0, 1])
     np.testing.assert_array_equal(patches[0], stored[2])
     np.testing.assert_array_equal(patches[1], stored[0])
-    resized = PatchExtractor(adata, patch_size=8, out_of_bounds="pad")
+    with pytest.warns(UserWarning, match="1 spots that have no row .*are white"):
+        resized = PatchExtractor(adata, patch_size=8, out_of_bounds="pad")
     expected = np.asarray(Image.fromarray(stored[2]).resize((8, 8), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(resized[0], expected)
     assert (resized[2] == 255).all()

@@ -362,6 +362,30 @@ def test_aggregation_errors(bins):
     assert given.obs["n_bins"].max() == 16
 
 
+def test_bin_size_that_disagrees_with_the_bins_is_refused(bins):
+    # recorded as 8 um: another bin size is refused, naming both
+    with pytest.raises(ValueError, match=r"bin_size_um=16 disagrees .* recorded as 8 um"):
+        aggregate_bins(bins, size_um=32, bin_size_um=16)
+    assert aggregate_bins(bins, size_um=32, bin_size_um=8).obs["n_bins"].max() == 16
+    # not recorded: the bins' spacing at the recorded resolution says 8 um
+    bare = bins.copy()
+    del bare.uns["spatial"][_library(8)]["scalefactors"]["bin_size_um"]
+    with pytest.raises(ValueError, match=rf"lie {8 / MPP:g} px apart, 8 um .*not 16 um"):
+        aggregate_bins(bare, size_um=32, bin_size_um=16)
+    # with every other bin missing (their grid positions tell), and without grid positions
+    sparse_bins = bare[(bare.obs["array_row"] + bare.obs["array_col"]) % 2 == 0].copy()
+    with pytest.raises(ValueError, match=r"8 um at the recorded .*not 16 um"):
+        aggregate_bins(sparse_bins, size_um=32, bin_size_um=16)
+    del bare.obs["array_row"], bare.obs["array_col"]
+    with pytest.raises(ValueError, match=r"8 um at the recorded .*not 16 um"):
+        aggregate_bins(bare, size_um=32, bin_size_um=16)
+    # a recorded size that the spacing contradicts is refused too
+    wrong = bins.copy()
+    wrong.uns["spatial"][_library(8)]["scalefactors"]["bin_size_um"] = 16.0
+    with pytest.raises(ValueError, match=r"8 um at the recorded .*not 16 um \(scalefactors"):
+        aggregate_bins(wrong, size_um=32)
+
+
 def test_smoothing_on_square_bins(bins):
     """A bin's smoothed value is the mean over its 3 x 3 block of bins (those in the tissue)."""
     adata = bins.copy()

@@ -287,6 +287,36 @@ def test_new_spatialdata_round_trip(adata):
     assert "fullres" not in again.tables["table"].uns["spatial"]["slide_0"]["images"]
 
 
+def _renamed(adata, old, new):
+    renamed = adata.copy()
+    renamed.obs["library_id"] = renamed.obs["library_id"].cat.rename_categories({old: new})
+    renamed.uns["spatial"] = {
+        (new if key == old else key): value for key, value in renamed.uns["spatial"].items()
+    }
+    return renamed
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        (
+            "my slide/1",
+            r"library id 'my slide/1' of adata\.obs\['library_id'\] cannot name .*'my_slide_1'",
+        ),
+        ("__hidden", r"'__hidden' of adata\.obs\['library_id'\] cannot name a SpatialData element"),
+        (
+            "SLIDE_1",
+            r"ids 'SLIDE_1' and 'slide_1' of adata\.obs\['library_id'\] differ only in case",
+        ),
+    ],
+)
+def test_library_ids_are_checked_before_spatialdata_sees_them(adata, name, match):
+    with pytest.raises(ValueError, match=match):
+        to_spatialdata(_renamed(adata, "slide_0", name))
+    with pytest.raises(ValueError, match=r"table_key 'my table' cannot name"):
+        to_spatialdata(adata, table_key="my table")
+
+
 def test_new_spatialdata_scales_a_downscaled_image(adata):
     lowres = adata[adata.obs["library_id"] == "slide_0"].copy()
     entry = adata.uns["spatial"]["slide_0"]

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import tifffile
 from anndata import AnnData
+from conftest import HER2ST, requires_her2st
 
 from rankbygene._layout import (
     ImageSource,
@@ -404,3 +405,104 @@ def test_corrupt_patches_file_is_named(tmp_path):
     with h5py.File(path, "w") as handle:
         handle.create_dataset("img", data=np.zeros((2, 4, 4, 3), np.uint8))
     _validate(adata)
+
+
+# ------------------------------------- spots against the image: scaled or transposed copies
+def _corrupt(adata: AnnData, how: str) -> AnnData:
+    adata = adata.copy()
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    adata.obsm["spatial"] = {"x0.5": xy / 2, "x2": xy * 2, "swap": xy[:, ::-1].copy()}[how]
+    return adata
+
+
+#: What the refusal must say for each corruption of valid coordinates.
+FIXES = {
+    "x0.5": r"looks like full-resolution pixels x 0\.5 .*multiply them by 2\.",
+    "x2": r"looks like full-resolution pixels x 2: .*divide them by 2\.",
+    "swap": r"looks like \(y, x\), not \(x, y\).*\[:, \[1, 0\]\]",
+}
+
+
+@pytest.fixture(scope="module")
+def visium_like_slide() -> AnnData:
+    import rankbygene as rbg
+
+    return rbg.datasets.synthetic(n_slides=1, n_spots=150, n_genes=30, seed=0)
+
+
+@pytest.mark.parametrize("how", list(FIXES))
+def test_spots_on_a_scaled_or_swapped_copy_of_the_tissue_are_refused(visium_like_slide, how):
+    import rankbygene as rbg
+
+    rbg.RankByGene.setup_anndata(visium_like_slide.copy(), layer="counts")  # valid: accepted
+    adata = _corrupt(visium_like_slide, how)
+    with pytest.raises(ValueError, match=r"obsm\['spatial'\] of library 'slide_0' ") as error:
+        rbg.RankByGene.setup_anndata(adata, layer="counts")
+    assert error.match(FIXES[how])
+    assert error.match(r"overlaps the tissue of the image by \d\.\d\d \(Dice\)")
+
+
+def test_scaled_copy_only_warns_without_check_layout(visium_like_slide, caplog):
+    import rankbygene as rbg
+
+    adata = _corrupt(visium_like_slide, "x0.5")
+    with caplog.at_level(logging.WARNING, logger="rankbygene"):
+        rbg.RankByGene.setup_anndata(adata, layer="counts", check_layout=False)
+    assert "multiply them by 2" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def visium_hd():
+    import rankbygene as rbg
+
+    return rbg.datasets.synthetic_visium_hd(size_um=480, bin_sizes_um=(8, 16), n_genes=40)
+
+
+def test_visium_hd_bins_scaled_or_swapped_are_refused(visium_hd):
+    import rankbygene as rbg
+
+    bins = rbg.io.from_spatialdata(visium_hd, table_key="square_016um")
+    spots = rbg.pp.aggregate_bins(rbg.io.from_spatialdata(visium_hd, table_key="square_008um"), 32)
+    for adata in (bins, spots):
+        rbg.RankByGene.setup_anndata(adata.copy(), library_key="library_id")
+        for how, fix in FIXES.items():
+            with pytest.raises(ValueError, match=fix):
+                rbg.RankByGene.setup_anndata(_corrupt(adata, how), library_key="library_id")
+
+
+def test_visium_hd_transformation_off_by_half_is_refused(visium_hd):
+    """Bins touch, so their spacing cannot tell: the image does."""
+    import spatialdata as sd
+    from spatialdata.transformations import Scale, Sequence, get_transformation
+
+    import rankbygene as rbg
+
+    sdata = sd.deepcopy(visium_hd)
+    shapes = next(name for name in sdata.shapes if "016um" in name)
+    for system, transformation in get_transformation(sdata[shapes], get_all=True).items():
+        halved = Sequence([transformation, Scale([0.5, 0.5], axes=("x", "y"))])
+        sd.transformations.set_transformation(sdata[shapes], halved, to_coordinate_system=system)
+    bins = rbg.io.from_spatialdata(sdata, table_key="square_016um")
+    with pytest.raises(ValueError, match=FIXES["x0.5"]):
+        rbg.RankByGene.setup_anndata(bins, library_key="library_id")
+
+
+@pytest.mark.slow
+@requires_her2st
+def test_her2st_sections_pass_and_scaled_or_swapped_c2_is_refused():
+    import rankbygene as rbg
+
+    sections = sorted(path.name.split(".")[0] for path in (HER2ST / "ST-cnts").glob("*.tsv.gz"))
+    assert "C2" in sections
+    for section in sections:
+        adata = rbg.datasets.her2st(section, path=HER2ST, progress=False)
+        libraries = spot_libraries(adata)
+        sources = image_sources(adata, libraries)
+        # every gene, as read
+        validate_layout(adata, sources, libraries, expression=adata.layers["counts"])
+        rbg.pp.select_genes(adata, n_top=250)  # the tutorial's panel
+        rbg.RankByGene.setup_anndata(adata, layer="counts")
+        if section == "C2":
+            for how, fix in FIXES.items():
+                with pytest.raises(ValueError, match=fix):
+                    rbg.RankByGene.setup_anndata(_corrupt(adata, how), layer="counts")

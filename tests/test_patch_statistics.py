@@ -138,3 +138,77 @@ def test_statistics_need_images_not_precomputed_features(slide):
     )
     with pytest.raises(ValueError, match="features_key='X_features'"):
         rbg.RankByGene(adata, patch_statistics=True)
+
+
+# ------------------------------------- missing pixels: the same message in tl and in training
+def _with_nan_under_first_spot(slide):
+    """The slide with its image as floats and 4 x 4 NaN pixels under its first spot."""
+    adata = slide.copy()
+    (entry,) = adata.uns["spatial"].values()
+    key = max(entry["images"], key=lambda k: entry["scalefactors"][f"tissue_{k}_scalef"])
+    scale = entry["scalefactors"][f"tissue_{key}_scalef"]
+    image = entry["images"][key].astype(np.float32) / 255.0
+    x, y = (adata.obsm["spatial"][0] * scale).astype(int)
+    image[y - 2 : y + 2, x - 2 : x + 2] = np.nan
+    entry["images"][key] = image
+    return adata
+
+
+NAN_MESSAGE = (
+    r"1 spots whose patch holds NaN or infinite pixels \('slide_0': 1 of 30; such pixels per "
+    r"image: 'slide_0': 16\)"
+)
+
+
+def test_nan_pixels_warn_or_raise_in_tl(slide):
+    adata = _with_nan_under_first_spot(slide)
+    with pytest.raises(ValueError, match=NAN_MESSAGE):
+        rbg.tl.patch_statistics(adata, out_of_bounds="raise")
+    assert "X_patch_statistics" not in adata.obsm
+    with pytest.warns(UserWarning, match=NAN_MESSAGE + ": their missing pixels are white"):
+        rbg.tl.patch_statistics(adata)
+    assert np.isfinite(adata.obsm["X_patch_statistics"]).all()
+
+
+def test_nan_pixels_warn_or_raise_in_training(slide):
+    adata = _with_nan_under_first_spot(slide)
+    rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+    model = rbg.RankByGene(
+        adata, image_encoder="resnet18", input_size=32, n_latent=8, patch_statistics=True
+    )
+    with pytest.raises(ValueError, match=NAN_MESSAGE):
+        model.train(max_epochs=1, out_of_bounds="raise", enable_progress_bar=False)
+    assert not model.is_trained_
+    with pytest.warns(UserWarning, match=NAN_MESSAGE + ": their missing pixels are white"):
+        model.train(max_epochs=1, batch_size=16, enable_progress_bar=False)
+    assert model.is_trained_
+
+
+def test_spots_outside_the_image_are_counted_by_tl(slide):
+    adata = slide.copy()
+    adata.obsm["spatial"] = adata.obsm["spatial"].copy()
+    adata.obsm["spatial"][0] = [-500.0, 40.0]  # entirely outside
+    message = r"1 spots whose patch extends beyond the image \('slide_0': 1 of 30\), 1 of them en"
+    with pytest.warns(UserWarning, match=message):
+        rbg.tl.patch_statistics(adata)
+    with pytest.raises(ValueError, match=message):
+        rbg.tl.patch_statistics(adata, out_of_bounds="raise")
+
+
+def test_one_out_of_bounds_default_across_the_package():
+    import inspect
+
+    from rankbygene.data import PatchExtractor
+
+    takers = (
+        PatchExtractor,
+        PatchExtractor.from_settings,
+        rbg.tl.patch_statistics,
+        rbg.RankByGene.train,
+        rbg.RankByGene.get_image_representation,
+    )
+    defaults = {
+        taker.__qualname__: inspect.signature(taker).parameters["out_of_bounds"].default
+        for taker in takers
+    }
+    assert set(defaults.values()) == {"pad"}, defaults

@@ -1081,6 +1081,41 @@ def test_setup_rejects_spots_outside_their_image(scaled: str, factor: float) -> 
         rbg.RankByGene.setup_anndata(adata, layer="counts")
 
 
+@cache
+def _slide(kind: str, seed: int) -> AnnData:
+    """A valid synthetic slide: Visium-like spots, or Visium HD bins of 16 um."""
+    if kind == "visium":
+        return rbg.datasets.synthetic(n_slides=1, n_spots=100, n_genes=20, seed=seed)
+    sdata = rbg.datasets.synthetic_visium_hd(size_um=400, bin_sizes_um=(16,), n_genes=20, seed=seed)
+    return rbg.io.from_spatialdata(sdata, table_key="square_016um")
+
+
+_LAYOUT_FIXES = {
+    "x0.5": "multiply them by 2",
+    "x2": "divide them by 2",
+    "swap": "swap the columns",
+}
+
+
+@settings(examples(8), phases=[Phase.explicit, Phase.generate])
+@given(
+    kind=st.sampled_from(["visium", "visium_hd"]),
+    seed=st.integers(0, 20),
+    how=st.sampled_from(sorted(_LAYOUT_FIXES)),
+)
+def test_setup_refuses_spots_on_a_scaled_or_swapped_copy_of_the_tissue(
+    kind: str, seed: int, how: str
+) -> None:
+    """Valid slides pass; their spots x0.5, x2 or swapped are refused, naming the fix."""
+    adata = _slide(kind, seed).copy()
+    layer = "counts" if "counts" in adata.layers else None
+    rbg.RankByGene.setup_anndata(adata.copy(), layer=layer, library_key="library_id")
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    adata.obsm["spatial"] = {"x0.5": xy / 2, "x2": xy * 2, "swap": xy[:, ::-1].copy()}[how]
+    with pytest.raises(ValueError, match=re.escape(_LAYOUT_FIXES[how])):
+        rbg.RankByGene.setup_anndata(adata, layer=layer, library_key="library_id")
+
+
 def test_setup_anndata_needs_an_anndata() -> None:
     """Anything but an AnnData is a TypeError."""
     with pytest.raises(TypeError, match="AnnData"):
@@ -1225,3 +1260,142 @@ def test_hvg_with_repeated_gene_names_keeps_n_top() -> None:
         names[outside] = names[panels[0][0]]
     assert len(panels[0]) == 2
     np.testing.assert_array_equal(panels[1], panels[0])
+
+
+# ------------------------------------------------- missing pixels, bins, element names, saves
+_RECT = st.tuples(st.integers(0, 31), st.integers(0, 23), st.integers(1, 6), st.integers(1, 6))
+
+
+@settings(examples(25))
+@given(
+    rectangles=st.lists(_RECT, max_size=3),
+    centres=hnp.arrays(np.float64, (5, 2), elements=st.floats(3, 21)),
+    out_of_bounds=st.sampled_from(["raise", "pad", "drop"]),
+)
+def test_nan_pixels_are_counted_spot_by_spot(
+    rectangles: list[tuple[int, int, int, int]], centres: np.ndarray, out_of_bounds: str
+) -> None:
+    """Exactly the spots whose patch holds a NaN pixel are counted, refused, padded or dropped."""
+    nan = np.zeros((24, 32), dtype=bool)
+    for x, y, w, h in rectangles:
+        nan[y : y + h, x : x + w] = True
+    image = np.full((24, 32, 3), 0.5, dtype=np.float32)
+    image[nan] = np.nan
+    adata = AnnData(np.zeros((5, 1)), obsm={"spatial": centres})
+    adata.uns["spatial"] = {
+        "lib": {
+            "images": {"hires": image},
+            "scalefactors": {"tissue_hires_scalef": 1.0, "spot_diameter_fullres": 6.0},
+        }
+    }
+    corners = np.floor(centres - 3).astype(int)  # centres keep every 6 x 6 patch inside
+    holds = np.array([nan[y : y + 6, x : x + 6].any() for x, y in corners])
+    counted = f"{int(holds.sum())} spots whose patch holds NaN or infinite pixels"
+    build = lambda: rbg.data.PatchExtractor(adata, patch_size=6, out_of_bounds=out_of_bounds)  # noqa: E731
+    if not holds.any():
+        assert build().valid.all()
+    elif out_of_bounds == "raise":
+        with pytest.raises(ValueError, match=counted):
+            build()
+    elif out_of_bounds == "drop" and holds.all():
+        with pytest.raises(ValueError, match="All 5 spots would be dropped"):
+            build()
+    elif out_of_bounds == "drop":
+        np.testing.assert_array_equal(build().valid, ~holds)
+    else:
+        with pytest.warns(UserWarning, match=counted):
+            patches = build()
+        for i in range(5):  # NaN pixels are white, the others grey
+            assert (
+                (patches[i] == 255).all(axis=-1)
+                == nan[corners[i, 1] : corners[i, 1] + 6, corners[i, 0] : corners[i, 0] + 6]
+            ).all()
+
+
+@cache
+def _bins() -> AnnData:
+    sdata = rbg.datasets.synthetic_visium_hd(size_um=160, bin_sizes_um=(8,), n_genes=5)
+    return rbg.io.from_spatialdata(sdata, table_key="square_008um")
+
+
+@settings(examples(15))
+@given(bin_size_um=st.one_of(st.just(8.0), st.floats(0.5, 100)), recorded=st.booleans())
+def test_aggregate_bins_takes_only_the_bins_own_size(bin_size_um: float, recorded: bool) -> None:
+    """A bin size other than the bins' own (8 um) is refused, whether it is recorded or not."""
+    bins = _bins().copy()
+    if not recorded:
+        (entry,) = bins.uns["spatial"].values()
+        del entry["scalefactors"]["bin_size_um"]
+    call = lambda: rbg.pp.aggregate_bins(bins, size_um=8 * 4, bin_size_um=bin_size_um)  # noqa: E731
+    if abs(bin_size_um / 8 - 1) <= 0.1 and (not recorded or bin_size_um == 8):
+        outcome(call, ["size_um"])  # fits, or 32 um is no whole multiple of it
+    else:
+        with pytest.raises(ValueError, match=f"{bin_size_um:g}"):
+            call()
+
+
+@settings(examples(15))
+@given(name=st.text(st.characters(blacklist_categories=["Cc", "Cs"]), min_size=1, max_size=12))
+def test_to_spatialdata_names_a_library_id_it_cannot_use(name: str) -> None:
+    """A library id that can name a SpatialData element works; another is refused, named."""
+    adata = _setup_base().copy()
+    (old,) = adata.uns["spatial"]
+    adata.obs["library_id"] = pd.Categorical([name] * adata.n_obs)
+    adata.uns["spatial"] = {name: adata.uns["spatial"][old]}
+    # spatialdata's rule for element names
+    allowed = (
+        name not in {".", ".."}
+        and not name.startswith("__")
+        and all(c.isalnum() or c in "_-." for c in name)
+    )
+    if allowed:
+        sdata = rbg.io.to_spatialdata(adata, library_key="library_id")
+        assert list(sdata.shapes) == [name]
+    else:
+        with pytest.raises(ValueError, match=re.escape(f"library id {name!r} of adata.obs")):
+            rbg.io.to_spatialdata(adata, library_key="library_id")
+
+
+@cache
+def _heads_model() -> Any:
+    """A model of heads on precomputed features: quick to save."""
+    adata = _setup_base().copy()
+    adata.obsm["X_f"] = np.random.default_rng(0).normal(size=(adata.n_obs, 8)).astype("float32")
+    rbg.RankByGene.setup_anndata(adata, layer="counts", features_key="X_f")
+    return rbg.RankByGene(adata, n_latent=4)
+
+
+_OWN_FILES = {"model.pt", "adata.h5ad", "checksums.json"}
+_FILE_NAME = st.text(
+    st.characters(blacklist_characters="/\x00", blacklist_categories=["Cs"]),
+    min_size=1,
+    max_size=12,
+).filter(lambda name: name not in {".", ".."} | _OWN_FILES and len(name.encode()) < 200)
+
+
+@settings(examples(15))
+@given(
+    names=st.lists(_FILE_NAME, max_size=4, unique_by=str.lower),
+    in_folder=st.booleans(),
+    save_anndata=st.booleans(),
+)
+def test_overwriting_a_save_keeps_every_other_file(
+    names: list[str], in_folder: bool, save_anndata: bool
+) -> None:
+    """Files beside a saved model, of any name, survive a save with overwrite=True."""
+    model = _heads_model()
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "res"
+        model.save(folder)
+        kept = {}
+        for k, name in enumerate(names):
+            path = (folder / "figures" / name) if in_folder else (folder / name)
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(f"user file {k}".encode())
+            kept[path] = path.read_bytes()
+        model.save(folder, overwrite=True, save_anndata=save_anndata)
+        for path, data in kept.items():
+            assert path.read_bytes() == data, path
+        own = {p.name for p in folder.iterdir() if p.is_file() and p not in kept}
+        assert own == {"model.pt", "checksums.json"} | ({"adata.h5ad"} if save_anndata else set())
+        rbg.RankByGene.load(folder)

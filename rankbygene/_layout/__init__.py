@@ -5,6 +5,8 @@
   :func:`resolve_library_key`), for every reader of patches and every function taking a
   ``library_key``;
 - :mod:`~rankbygene._layout._checks`: the checks before any work (:func:`validate_layout`);
+- :mod:`~rankbygene._layout._tissue`: a slide's thumbnail and its tissue mask
+  (:func:`read_thumbnail`, :func:`tissue_mask`), for tiling and for the layout check;
 - :mod:`~rankbygene._layout._entry`: the builder of ``uns["spatial"]`` entries and their
   thumbnails (:func:`spatial_entry`, :func:`thumbnails`), for the readers, ``tile_slide`` and
   the synthetic data.
@@ -31,11 +33,13 @@ from rankbygene._layout._sources import (
     spatial_coordinates,
     spot_libraries,
 )
+from rankbygene._layout._tissue import read_thumbnail, tissue_mask
 
 __all__ = [
     "ImageSource",
     "image_scales",
     "image_sources",
+    "read_thumbnail",
     "read_thumbnails",
     "resolve_library_key",
     "scaled_size",
@@ -46,5 +50,6 @@ __all__ = [
     "spatial_entry",
     "spot_libraries",
     "thumbnails",
+    "tissue_mask",
     "validate_layout",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from anndata import AnnData
+from scipy import sparse
 from scipy.spatial import cKDTree
 
 from rankbygene._constants import (
@@ -29,6 +30,7 @@ from rankbygene._constants import (
 )
 from rankbygene._layout._entry import scalefactor_image
 from rankbygene._layout._sources import ImageSource, spatial_coordinates
+from rankbygene._layout._tissue_check import layout_thumbnail, tissue_finding
 from rankbygene._logging import logger
 from rankbygene.io._image import ImageReader, PILImage
 from rankbygene.io._patch_file import PATCH_IMAGE_KEYS, PatchFile
@@ -42,6 +44,8 @@ def validate_layout(
     libraries: Sequence[str] | np.ndarray,
     spatial_key: str = SPATIAL_KEY,
     check_units: bool = True,
+    expression: np.ndarray | sparse.spmatrix | None = None,
+    is_log_normalized: bool = False,
 ) -> None:
     """Check, per library, that the spots are in full-resolution pixels and the image decodes.
 
@@ -58,7 +62,11 @@ def validate_layout(
       a warning otherwise;
     - x and y swapped: many spots outside the image, all inside once exchanged;
     - most spots (``OUTSIDE_IMAGE_FRACTION``) outside the image otherwise: coordinates scaled
-      up, or a ``tissue_<image>_scalef`` too large for the image it describes.
+      up, or a ``tissue_<image>_scalef`` too large for the image it describes;
+    - spots that lie clearly better on the image's tissue once multiplied by 2, divided by 2
+      or with x and y exchanged: their footprint against the tissue mask of a thumbnail, and,
+      with ``expression``, the image's colours at the spots against their expression
+      (:func:`~rankbygene._layout._tissue_check.tissue_finding`).
 
     Errors name the likely factor. Then one patch per image (at the spot nearest the spots'
     median) is decoded, and the first row of a file of precomputed patches, so that a corrupt
@@ -77,6 +85,11 @@ def validate_layout(
     check_units
         ``False`` logs the findings about units as warnings instead of raising (for unusual
         but valid layouts); images are decoded either way.
+    expression
+        ``(n_obs, n_genes)`` counts (or log-normalised values) of the spots, to compare the
+        image's colours at the spots with; ``None``: the tissue mask alone.
+    is_log_normalized
+        ``expression`` is already log-normalised.
 
     Raises
     ------
@@ -118,9 +131,21 @@ def validate_layout(
         try:
             height, width = reader.shape
             size = (width / source.scale, height / source.scale)
-            _check_units(xy, size, source.spot_diameter_fullres, scalefactors, where, check_units)
+            units = _units_finding(xy, size, source.spot_diameter_fullres, scalefactors)
             with _naming_the_image(source):
                 _decode_one_patch(reader, xy, source)
+                thumbnail = layout_thumbnail(
+                    entry if isinstance(entry, Mapping) else None, source, reader
+                )
+            rows = expression[libraries == library_id] if expression is not None else None
+            tissue = tissue_finding(
+                xy, source.spot_diameter_fullres, thumbnail, rows, is_log_normalized
+            )
+            # measured on the image, the tissue's finding names the correction more surely
+            if tissue is not None:
+                _report(f"{where} {tissue}", check_units)
+            elif units is not None:
+                _report(f"{where} {units[0]}", units[1] and check_units)
         finally:
             reader.close()
 
@@ -138,12 +163,17 @@ def _check_units(
     if finding is None:
         return
     message, certain = finding
-    if certain and strict:
+    _report(f"{where} {message}", certain and strict)
+
+
+def _report(message: str, error: bool) -> None:
+    """Raise a finding about the layout, or log it as a warning."""
+    if error:
         raise ValueError(
-            f"{where} {message} Pass check_layout=False to setup_anndata to use the "
-            "coordinates as they are."
+            f"{message} Pass check_layout=False to setup_anndata to use the coordinates as "
+            "they are."
         )
-    logger.warning(f"{where} {message}")
+    logger.warning(message)
 
 
 def _units_finding(

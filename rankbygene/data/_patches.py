@@ -6,6 +6,7 @@ import hashlib
 import os
 import tempfile
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -17,7 +18,13 @@ from anndata import AnnData
 from rankbygene._constants import IMAGES_KEY, MAX_SPOT_UPSAMPLING, SPATIAL_KEY
 from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
-from rankbygene.io._image import BACKGROUND, ArrayImage, is_lazy_array, open_image
+from rankbygene.io._image import (
+    BACKGROUND,
+    ArrayImage,
+    as_rgb_uint8,
+    is_lazy_array,
+    open_image,
+)
 from rankbygene.io._patch_file import PATCH_BARCODE_KEYS, PATCH_IMAGE_KEYS, PatchFile
 
 if TYPE_CHECKING:
@@ -25,7 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["PatchExtractor"]
 
-_CACHE_FORMAT = 1  # bump when the pixels produced for the same inputs change
+_CACHE_FORMAT = 2  # bump when the pixels produced for the same inputs, or the files, change
+# A cached patch's entry in the checksum array: this bit, so that no entry of a patch is 0
+# (not cached), and the CRC-32 of its pixels, which finds any flipped byte of the patch.
+_CACHED = np.uint64(1 << 32)
 _OUT_OF_BOUNDS = ("raise", "pad", "drop")
 _CACHES = (None, "memory", "disk")
 # (image, patch pixels, input size) already reported by check_resolution in this process
@@ -63,9 +73,11 @@ class PatchExtractor:
     patch_size
         Side in pixels of the returned patches (the encoder's input size).
     out_of_bounds
-        Spots whose patch extends beyond the image (or, for precomputed patches, that have no
-        row in the file): ``"raise"`` an error counting them per library, ``"pad"`` with white,
-        or ``"drop"`` them (see :attr:`valid` and :attr:`indices`).
+        Spots whose patch misses pixels: it extends beyond the image, holds NaN or infinite
+        pixels (of an in-memory float image), or, for precomputed patches, the spot has no row
+        in the file. ``"pad"`` the missing pixels with white, with a warning counting them
+        per library (the default, throughout the package), ``"raise"`` an error counting
+        them, or ``"drop"`` them (see :attr:`valid` and :attr:`indices`).
     cache
         Keep decoded patches: ``"memory"`` (a uint8 array of all kept patches) or ``"disk"`` (a
         ``.npy`` memory map under ``cache_dir``, reused by later runs on the same inputs).
@@ -118,7 +130,7 @@ class PatchExtractor:
         image_key: str | None = None,
         patch_scale: float = 1.0,
         patch_size: int = 224,
-        out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        out_of_bounds: Literal["raise", "pad", "drop"] = "pad",
         cache: Literal["memory", "disk"] | None = None,
         cache_dir: str | Path | None = None,
         max_open_images: int = 1,
@@ -147,6 +159,8 @@ class PatchExtractor:
         self._rows = np.full(self.n_obs, -1, dtype=np.int64)  # row in a patches file
         self._boxes = np.zeros((self.n_obs, 3), dtype=np.float64)  # x0, y0, side in image pixels
         inside = np.ones(self.n_obs, dtype=bool)
+        finite = np.ones(self.n_obs, dtype=bool)  # no NaN or infinite pixel in the patch
+        self._nonfinite: dict[str, int] = {}  # library to its image's NaN or infinite pixels
         obs_names = adata.obs_names.astype(str).to_numpy()
         for code, lib in enumerate(libraries):
             source = sources[lib]
@@ -156,8 +170,15 @@ class PatchExtractor:
                 self._rows[spots] = rows
                 inside[spots] = rows >= 0
                 continue
+            missing = None
             if source.kind == "memory":
                 array = _memory_image(adata, source)
+                missing = _nonfinite_pixels(array)
+                if missing is not None:
+                    # NaN and inf have no colour: white, as the glass beyond the image
+                    self._nonfinite[lib] = int(np.count_nonzero(missing))
+                    array = as_rgb_uint8(array)
+                    array[missing] = BACKGROUND
                 self._arrays[lib] = array
                 self._shapes[lib] = tuple(array.shape[:2])
             else:
@@ -169,12 +190,14 @@ class PatchExtractor:
             self._boxes[spots, 1] = centres[:, 1] - side / 2
             self._boxes[spots, 2] = side
             inside[spots] = _inside(self._boxes[spots], self._shapes[lib])
+            if missing is not None:
+                finite[spots] = _pixels_in_boxes(missing, self._boxes[spots]) == 0
         self.check_resolution(sources, self.patch_scale, self.patch_size)
         if self.patch_scale != 1.0:
             fixed = [lib for lib in libraries if sources[lib].kind == "patches"]
             if fixed:
                 logger.warning(f"patch_scale is ignored for precomputed patches of {fixed}.")
-        self.valid = self._resolve_out_of_bounds(inside)
+        self.valid = self._resolve_out_of_bounds(inside, finite)
         self.indices = np.flatnonzero(self.valid)
         self._slot = np.full(self.n_obs, -1, dtype=np.int64)  # position in the cache
         self._slot[self.indices] = np.arange(len(self.indices))
@@ -182,7 +205,8 @@ class PatchExtractor:
         self.cache = cache
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._store: np.ndarray | None = None  # cached patches, one row per kept spot
-        self._filled: np.ndarray | None = None
+        self._sums: np.ndarray | None = None  # per kept spot: 0, or _CACHED | CRC-32 of its patch
+        self._repaired = 0  # cached patches found damaged, in this process
         self._cache_path: Path | None = None
         if cache == "disk":
             directory = self.cache_dir or Path(tempfile.gettempdir()) / "rankbygene_patches"
@@ -204,7 +228,7 @@ class PatchExtractor:
         adata: AnnData,
         settings: ImageSettings,
         library_key: str | None = None,
-        out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        out_of_bounds: Literal["raise", "pad", "drop"] = "pad",
         cache: Literal["memory", "disk"] | None = None,
         cache_dir: str | Path | None = None,
     ) -> PatchExtractor:
@@ -260,12 +284,14 @@ class PatchExtractor:
             )
         if self._store is None and self.cache == "disk":
             self._open_disk_cache(create=False)
-        if self._filled is not None and self._filled[slot]:
-            return np.array(self._store[slot])
+        if self._sums is not None and self._sums[slot]:
+            patch = np.array(self._store[slot])
+            if self.cache != "disk" or self._sums[slot] == _patch_sum(patch):
+                return patch
+            self._report_damage(i)  # changed on disk: read again, and cached again
         patch = self._read(i)
         if self._store is not None:
-            self._store[slot] = patch
-            self._filled[slot] = True  # after the pixels, so a reader never sees a half patch
+            self._cache_patch(slot, patch)
         return patch
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -278,13 +304,13 @@ class PatchExtractor:
         """Number of kept spots whose patch is in the cache."""
         if self.cache is None:
             return 0
-        if self._filled is None and self.cache == "disk":
+        if self._sums is None and self.cache == "disk":
             self._open_disk_cache(create=False)
-        return int(np.count_nonzero(self._filled))
+        return int(np.count_nonzero(self._sums))
 
     @property
     def cache_path(self) -> Path | None:
-        """The ``.npy`` file of the disk cache (its filled mask is beside it), else ``None``."""
+        """The ``.npy`` file of the disk cache (its checksums are beside it), else ``None``."""
         return self._cache_path
 
     @property
@@ -318,7 +344,7 @@ class PatchExtractor:
             raise ValueError("materialize() needs a cache: pass cache='memory' or cache='disk'.")
         if self._store is None:
             self._open_disk_cache(create=True)
-        todo = np.flatnonzero(~self._filled)
+        todo = np.flatnonzero(self._sums == 0)
         n_before = len(self.indices) - len(todo)
         bar = tqdm(total=len(todo), disable=not progress, desc="Extracting patches", unit="patch")
         try:
@@ -329,8 +355,7 @@ class PatchExtractor:
                     continue
                 bar.set_postfix_str(lib, refresh=False)
                 for slot in slots:
-                    self._store[slot] = self._read(int(self.indices[slot]))
-                    self._filled[slot] = True
+                    self._cache_patch(slot, self._read(int(self.indices[slot])))
                     bar.update()
                 self._release(lib)  # one decoded image at a time
                 self._flush()
@@ -364,9 +389,9 @@ class PatchExtractor:
         state["_inherited"] = []
         state["_pid"] = None
         if self.cache == "disk":
-            state["_store"] = state["_filled"] = None  # reopened as a shared memory map
-        elif self._filled is not None and not self._filled.any():
-            state["_store"] = state["_filled"] = None  # nothing worth shipping
+            state["_store"] = state["_sums"] = None  # reopened as a shared memory map
+        elif self._sums is not None and not self._sums.any():
+            state["_store"] = state["_sums"] = None  # nothing worth shipping
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -525,22 +550,39 @@ class PatchExtractor:
 
     # ------------------------------------------------------------------ validation
 
-    def _resolve_out_of_bounds(self, inside: np.ndarray) -> np.ndarray:
+    def _resolve_out_of_bounds(self, inside: np.ndarray, finite: np.ndarray) -> np.ndarray:
+        """Spots kept; spots whose patch leaves the image or holds NaN pixels counted first.
+
+        ``"raise"`` names them in an error, ``"pad"`` in a warning, ``"drop"`` in the log.
+        """
         outside = ~inside
-        if not outside.any() or self.out_of_bounds == "pad":
+        nonfinite = ~finite & inside
+        lacking = outside | nonfinite  # spots whose patch misses some of its pixels
+        if not lacking.any():
             return np.ones(self.n_obs, dtype=bool)
-        counts = {
-            lib: (
-                int(np.count_nonzero(outside[self._library_code == code])),
-                int(np.count_nonzero(self._library_code == code)),
+        precomputed = np.array([self.sources[lib].kind == "patches" for lib in self.libraries])
+        no_row = outside & precomputed[self._library_code]
+        beyond = outside & ~no_row
+        found = []
+        if beyond.any():
+            away = beyond & self._entirely_outside()
+            found.append(
+                f"{int(beyond.sum())} spots whose patch extends beyond the image "
+                f"({self._per_library(beyond)})"
+                + (f", {int(away.sum())} of them entirely outside it" if away.any() else "")
             )
-            for code, lib in enumerate(self.libraries)
-        }
-        detail = ", ".join(f"{lib!r}: {n} of {total}" for lib, (n, total) in counts.items() if n)
-        what = (
-            "whose patch extends beyond the image"
-            " (or, for precomputed patches, that have no row in the patches file)"
-        )
+        if no_row.any():
+            found.append(
+                f"{int(no_row.sum())} spots that have no row in the patches file "
+                f"({self._per_library(no_row)})"
+            )
+        if nonfinite.any():
+            pixels = ", ".join(f"{lib!r}: {n}" for lib, n in self._nonfinite.items())
+            found.append(
+                f"{int(nonfinite.sum())} spots whose patch holds NaN or infinite pixels "
+                f"({self._per_library(nonfinite)}; such pixels per image: {pixels})"
+            )
+        found = " and ".join(found)
         if outside.all():
             hint = (
                 " None has a patch: are obsm coordinates in full-resolution pixels, and is the "
@@ -548,15 +590,44 @@ class PatchExtractor:
             )
         else:
             hint = ""
+        if self.out_of_bounds == "pad":
+            warnings.warn(
+                f"{found}: their missing pixels are white (out_of_bounds='pad').{hint}",
+                UserWarning,
+                stacklevel=3,
+            )
+            return np.ones(self.n_obs, dtype=bool)
         if self.out_of_bounds == "drop":
-            if outside.all():
-                raise ValueError(f"All {self.n_obs} spots would be dropped ({detail}).{hint}")
-            logger.info(f"dropped {int(outside.sum())} spots {what} ({detail})")
-            return inside.copy()
+            if lacking.all():
+                raise ValueError(f"All {self.n_obs} spots would be dropped: {found}.{hint}")
+            logger.info(f"dropped {found}")
+            return ~lacking
         raise ValueError(
-            f"{int(outside.sum())} spots {what} ({detail}). Pass out_of_bounds='pad' to fill the "
-            f"missing pixels with white, or out_of_bounds='drop' to exclude them.{hint}"
+            f"{found}. Pass out_of_bounds='pad' to fill the missing pixels with white, or "
+            f"out_of_bounds='drop' to exclude them.{hint}"
         )
+
+    def _per_library(self, spots: np.ndarray) -> str:
+        """``'lib': n of total`` for each library with some of ``spots``."""
+        counts = []
+        for code, lib in enumerate(self.libraries):
+            of_library = self._library_code == code
+            n = int(np.count_nonzero(spots & of_library))
+            if n:
+                counts.append(f"{lib!r}: {n} of {int(np.count_nonzero(of_library))}")
+        return ", ".join(counts)
+
+    def _entirely_outside(self) -> np.ndarray:
+        """Spots whose patch box does not meet its image at all (precomputed patches: none)."""
+        away = np.zeros(self.n_obs, dtype=bool)
+        for code, lib in enumerate(self.libraries):
+            if self.sources[lib].kind == "patches":
+                continue
+            spots = self._library_code == code
+            x0, y0, side = self._boxes[spots].T
+            height, width = self._shapes[lib]
+            away[spots] = (x0 + side <= 0) | (y0 + side <= 0) | (x0 >= width) | (y0 >= height)
+        return away
 
     # ------------------------------------------------------------------ caches
 
@@ -564,36 +635,50 @@ class PatchExtractor:
         size = self.patch_size
         # np.empty commits no memory until a patch is written
         self._store = np.empty((len(self.indices), size, size, 3), dtype=np.uint8)
-        self._filled = np.zeros(len(self.indices), dtype=bool)
+        self._sums = np.zeros(len(self.indices), dtype=np.uint64)
+
+    def _cache_patch(self, slot: int, patch: np.ndarray) -> None:
+        self._store[slot] = patch
+        self._sums[slot] = _patch_sum(patch)  # after the pixels: a reader never sees half a patch
+
+    def _report_damage(self, i: int) -> None:
+        self._repaired += 1
+        if self._repaired == 1:
+            logger.warning(
+                f"Patch cache {self._cache_path}: the patch of spot {i} does not match its "
+                "checksum (the file changed on disk): it is read again from the image. Other "
+                "damaged patches are read again without a message."
+            )
 
     def _open_disk_cache(self, create: bool) -> None:
-        """Map the cache's pixels and filled mask, rebuilding a file that is damaged.
+        """Map the cache's pixels and their checksums, rebuilding a file that is damaged.
 
         ``create=False`` (a process that received the extractor) requires both files to exist.
         """
         path = self._cache_path
-        mask_path = path.with_suffix(".filled.npy")
+        sums_path = path.with_suffix(".sums.npy")
         shape = (len(self.indices), self.patch_size, self.patch_size, 3)
-        if not create and not (path.is_file() and mask_path.is_file()):
+        if not create and not (path.is_file() and sums_path.is_file()):
             raise FileNotFoundError(f"The patch cache {path} is gone; build a new extractor.")
         path.parent.mkdir(parents=True, exist_ok=True)
         store = _open_npy(path, shape, np.uint8)
         if store is None:
-            # A mask is only trusted beside the pixels it was filled with; it goes first, so that
-            # a run killed between the two files never leaves an old mask beside new pixels.
-            mask_path.unlink(missing_ok=True)
+            # Checksums are only trusted beside the pixels they were computed on; they go
+            # first, so that a run killed between the two files never leaves old ones behind.
+            sums_path.unlink(missing_ok=True)
             store = _create_npy(path, shape, np.uint8)
-        filled = _open_npy(mask_path, (shape[0],), np.bool_)
-        if filled is None:
-            filled = _create_npy(mask_path, (shape[0],), np.bool_)
-        self._store, self._filled = store, filled
+        sums = _open_npy(sums_path, (shape[0],), np.uint64)
+        if sums is None:
+            sums = _create_npy(sums_path, (shape[0],), np.uint64)
+        self._store, self._sums = store, sums
         if create:
-            logger.info(f"patch cache {path}: {int(filled.sum())} of {shape[0]} patches cached")
+            n_cached = int(np.count_nonzero(sums))
+            logger.info(f"patch cache {path}: {n_cached} of {shape[0]} patches cached")
 
     def _flush(self) -> None:
         if self.cache == "disk" and self._store is not None:
             self._store.flush()
-            self._filled.flush()
+            self._sums.flush()
 
     def _cache_digest(self) -> str:
         """Hash of everything that determines the cached pixels and their order."""
@@ -673,6 +758,37 @@ def _inside(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     y0 = np.floor(boxes[:, 1])
     side = np.maximum(1, np.round(boxes[:, 2]))
     return (x0 >= 0) & (y0 >= 0) & (x0 + side <= width) & (y0 + side <= height)
+
+
+def _patch_sum(patch: np.ndarray) -> np.uint64:
+    """A cached patch's checksum entry: ``_CACHED`` with the CRC-32 of its pixels."""
+    return _CACHED | np.uint64(zlib.crc32(np.ascontiguousarray(patch).data))
+
+
+def _nonfinite_pixels(array: Any) -> np.ndarray | None:
+    """``(H, W)`` mask of an in-memory float image's NaN or infinite pixels; ``None`` if none.
+
+    Lazy arrays are not read whole for this; their pixels are converted as they are read.
+    """
+    if is_lazy_array(array) or array.dtype.kind != "f":
+        return None
+    missing = ~np.isfinite(array)
+    if missing.ndim == 3:
+        missing = missing.any(axis=-1)
+    return missing if missing.any() else None
+
+
+def _pixels_in_boxes(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` in each box, with the rounding that ``read_region`` applies."""
+    height, width = mask.shape
+    table = np.zeros((height + 1, width + 1), dtype=np.int64)
+    table[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    side = np.maximum(1, np.round(boxes[:, 2])).astype(np.int64)
+    x0 = np.floor(boxes[:, 0]).astype(np.int64)
+    y0 = np.floor(boxes[:, 1]).astype(np.int64)
+    c0, c1 = np.clip(x0, 0, width), np.clip(x0 + side, 0, width)
+    r0, r1 = np.clip(y0, 0, height), np.clip(y0 + side, 0, height)
+    return table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
 
 
 def _npy_problem(path: Path, shape: tuple[int, ...], dtype: Any) -> str | None:

@@ -703,6 +703,11 @@ def _new_spatialdata(
     coords = spatial_coordinates(adata)
     spatial = adata.uns.get(SPATIAL_KEY) or {}
     names = list(pd.unique(libraries))
+    where = (
+        f"adata.obs[{library_key!r}]" if library_key is not None else f"adata.uns[{SPATIAL_KEY!r}]"
+    )
+    _check_element_names(names, "library id", f" of {where}")
+    _check_element_names([table_key], "table_key")
     images, shapes = {}, {}
     instances = np.zeros(adata.n_obs, dtype=np.int64)
     for library in names:
@@ -768,6 +773,37 @@ def _new_spatialdata(
         "new SpatialData: %d libraries, table %r with %s", len(names), table_key, list(found)
     )
     return SpatialData(images=images, shapes=shapes, tables={table_key: table})
+
+
+def _check_element_names(names: Sequence[str], what: str, where: str = "") -> None:
+    """Refuse names that SpatialData cannot give its elements, before it is asked to.
+
+    Element names hold letters, digits, ``_``, ``-`` and ``.`` only, are neither ``.`` nor
+    ``..``, do not start with ``__``, and differ in more than case (its store is a folder per
+    element, and file systems may ignore case).
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        valid = (
+            bool(name)
+            and name not in (".", "..")
+            and not name.startswith("__")
+            and all(c.isalnum() or c in "_-." for c in name)
+        )
+        if not valid:
+            suggestion = re.sub(r"[^0-9A-Za-z_.-]+", "_", name).lstrip("_.") or "library"
+            raise ValueError(
+                f"The {what} {name!r}{where} cannot name a SpatialData element: use letters, "
+                "digits, '_', '-' and '.' only (not '.', '..' or a leading '__'), e.g. "
+                f"{suggestion!r}."
+            )
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise ValueError(
+                f"The {what}s {other!r} and {name!r}{where} differ only in case: SpatialData "
+                "stores each element in a folder of its name, which some file systems do not "
+                "tell apart."
+            )
 
 
 def _sharpest_image(entry: Mapping[str, Any], library: str) -> tuple[str, Any, float] | None:

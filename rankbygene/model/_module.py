@@ -10,6 +10,7 @@ from scvi.module.base import BaseModuleClass, LossOutput
 from torch import nn
 
 from rankbygene._constants import BATCH_KEYS
+from rankbygene.model._checkpoint import check_state_fits
 from rankbygene.model._ema import make_teacher, update_ema
 from rankbygene.model._encoders import Backbone, ProjectionHead
 from rankbygene.model._losses import (
@@ -194,6 +195,13 @@ class RankByGeneModule(BaseModuleClass):
         """EMA step of the teacher towards the student."""
         update_ema(self.student_backbone, self.teacher_backbone, momentum)
         update_ema(self.student_head, self.teacher_head, momentum)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As :meth:`torch.nn.Module.load_state_dict`; with ``strict``, a tensor of another
+        name or shape raises a :class:`ValueError` naming it, before any weight is copied."""
+        if strict:
+            check_state_fits(self.state_dict(), state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- scvi-tools module interface ------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:

@@ -98,7 +98,15 @@ def validate_setup(
             raise ValueError(f"adata.obsm[{features_key!r}] has {n_bad} NaN or infinite values.")
     else:
         sources = image_sources(adata, np.unique(libraries), image_key=image_key)
-        validate_layout(adata, sources, libraries, spatial_key, check_units=check_layout)
+        validate_layout(
+            adata,
+            sources,
+            libraries,
+            spatial_key,
+            check_units=check_layout,
+            expression=matrix,
+            is_log_normalized=is_log_normalized,
+        )
 
 
 def column_variance(matrix: Any) -> np.ndarray:

@@ -48,7 +48,7 @@ class TrainingMixin:
         augmentation: Literal["loader", "device"] | None = None,
         cache: Literal["memory", "disk"] | None = "memory",
         cache_dir: str | Path | None = None,
-        out_of_bounds: Literal["raise", "pad", "drop"] = "raise",
+        out_of_bounds: Literal["raise", "pad", "drop"] = "pad",
         n_views: int = 8,
         plan_kwargs: dict | None = None,
         **trainer_kwargs: Any,
@@ -94,7 +94,9 @@ class TrainingMixin:
             Decoded patches kept in ``"memory"`` or on ``"disk"`` (under ``cache_dir``, reused by
             later runs) so each image is decoded once; ``None`` reads every patch from the image.
         out_of_bounds
-            Spots whose patch leaves the image: ``"raise"``, ``"pad"`` (white) or ``"drop"``.
+            Spots whose patch misses pixels (beyond the image, NaN or infinite pixels):
+            ``"pad"`` them with white, with a warning counting them (the default, as
+            everywhere), ``"raise"`` or ``"drop"``.
         n_views
             With ``freeze_backbone``: backbone features are computed for the plain patch and
             ``n_views - 1`` stain-jittered, flipped and rotated views of it

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
+from scipy.spatial import cKDTree
 
 from rankbygene._constants import (
     ARRAY_COL_KEY,
@@ -32,6 +33,9 @@ __all__ = ["aggregate_bins"]
 # Bins whose centre is further than this share of a bin from the grid are off it.
 _GRID_TOLERANCE = 0.25
 _GRID_COLUMNS = (ARRAY_ROW_KEY, ARRAY_COL_KEY)
+# The bins' spacing may differ from their recorded size by this share at most.
+_PITCH_TOLERANCE = 0.1
+_PITCH_SAMPLE = 10_000  # bins whose nearest neighbour is looked for, at most
 
 
 def aggregate_bins(
@@ -54,7 +58,9 @@ def aggregate_bins(
 
     The bin size and the image resolution come from each library's ``scalefactors``
     (``bin_size_um``, and ``microns_per_pixel`` or ``spot_diameter_fullres``, as
-    :func:`rankbygene.io.from_spatialdata` records them for Visium HD bins).
+    :func:`rankbygene.io.from_spatialdata` records them for Visium HD bins), and are checked
+    against the data: the bins' spacing in pixels (neighbouring bins' distance per step of
+    their grid) times the microns per pixel must be the bin size, within 10%.
 
     Memory per million bins, measured (tracemalloc) on 96,442 bins of 8 um and 100 genes (17
     non-zero counts per bin) and scaled; counts grow with the non-zeros (8 bytes each in CSR
@@ -81,7 +87,8 @@ def aggregate_bins(
         ``obs`` column naming each bin's library; found as ``setup_anndata`` finds it when
         ``None``. Bins of different libraries are never summed together.
     bin_size_um
-        Bin side in microns, for libraries whose ``scalefactors`` lack ``bin_size_um``.
+        Bin side in microns, for libraries whose ``scalefactors`` lack ``bin_size_um``; where
+        they record it, the two must agree.
     min_bins
         Pseudo-spots with fewer bins (at the tissue's edge) are dropped.
     spatial_key
@@ -103,8 +110,9 @@ def aggregate_bins(
     KeyError
         The bin size or the image resolution of a library is unknown, or a key is missing.
     ValueError
-        ``size_um`` is not a whole multiple of a library's bin size, ``min_bins`` is below 1, or
-        the bins lie on no square grid.
+        ``size_um`` is not a whole multiple of a library's bin size, ``min_bins`` is below 1,
+        the bins lie on no square grid, or ``bin_size_um`` disagrees with the recorded bin size
+        or with the bins' spacing (naming both).
 
     Examples
     --------
@@ -132,7 +140,8 @@ def aggregate_bins(
     scales: dict[str, tuple[float, float]] = {}
     for k, library in enumerate(names):
         rows = np.flatnonzero(libraries == library)
-        bin_size, mpp = _bin_geometry(spatial.get(library), library, bin_size_um)
+        pitch = _bin_pitch(adata, rows, coords[rows])
+        bin_size, mpp = _bin_geometry(spatial.get(library), library, bin_size_um, pitch)
         factor = _factor(size_um, bin_size, library)
         grid = _grid_positions(adata, rows, coords[rows], bin_size / mpp, library)
         keys[rows] = np.column_stack([np.full(len(rows), k), grid // factor])
@@ -208,28 +217,82 @@ def aggregate_bins(
 
 
 def _bin_geometry(
-    entry: Mapping[str, Any] | None, library: str, bin_size_um: float | None
+    entry: Mapping[str, Any] | None, library: str, bin_size_um: float | None, pitch: float
 ) -> tuple[float, float]:
-    """``(bin side in um, um per full-resolution pixel)`` of a library."""
+    """``(bin side in um, um per full-resolution pixel)`` of a library, checked against the
+    bins' spacing ``pitch`` (pixels per grid step)."""
     scalefactors = (entry or {}).get(SCALEFACTORS_KEY) or {}
-    bin_size = scalefactors.get(SCALEFACTOR_BIN_SIZE_UM) if bin_size_um is None else bin_size_um
+    recorded = scalefactors.get(SCALEFACTOR_BIN_SIZE_UM)
+    where = f"scalefactors[{SCALEFACTOR_BIN_SIZE_UM!r}]"
+    if (
+        bin_size_um is not None
+        and recorded is not None
+        and not math.isclose(float(bin_size_um), float(recorded), rel_tol=1e-6)
+    ):
+        raise ValueError(
+            f"bin_size_um={float(bin_size_um):g} disagrees with library {library!r}, whose "
+            f"bins are recorded as {float(recorded):g} um ({where}): leave bin_size_um out."
+        )
+    bin_size = recorded if bin_size_um is None else bin_size_um
     if bin_size is None:
         raise KeyError(
-            f"Library {library!r} has no scalefactors[{SCALEFACTOR_BIN_SIZE_UM!r}]: pass "
-            "bin_size_um (rbg.io.from_spatialdata records it for Visium HD bins)."
+            f"Library {library!r} has no {where}: pass bin_size_um "
+            "(rbg.io.from_spatialdata records it for Visium HD bins)."
         )
     bin_size = float(bin_size)
     if not bin_size > 0:
         raise ValueError(f"Library {library!r}: the bin size must be positive; got {bin_size}.")
+    what = "bin_size_um" if bin_size_um is not None else where
     if SCALEFACTOR_MPP in scalefactors:
-        return bin_size, float(scalefactors[SCALEFACTOR_MPP])
+        mpp = float(scalefactors[SCALEFACTOR_MPP])
+        if np.isfinite(pitch) and abs(pitch * mpp / bin_size - 1) > _PITCH_TOLERANCE:
+            raise ValueError(
+                f"Library {library!r}: its bins lie {pitch:.3g} px apart, {pitch * mpp:.3g} um "
+                f"at the recorded {mpp:g} um per pixel (scalefactors[{SCALEFACTOR_MPP!r}]), "
+                f"not {bin_size:g} um ({what})."
+            )
+        return bin_size, mpp
     if SCALEFACTOR_SPOT_DIAMETER in scalefactors:
         # the bins' side in pixels is their diameter: the resolution follows
-        return bin_size, bin_size / float(scalefactors[SCALEFACTOR_SPOT_DIAMETER])
+        diameter = float(scalefactors[SCALEFACTOR_SPOT_DIAMETER])
+        if np.isfinite(pitch) and abs(pitch / diameter - 1) > _PITCH_TOLERANCE:
+            raise ValueError(
+                f"Library {library!r}: its bins lie {pitch:.3g} px apart but are "
+                f"{diameter:.3g} px wide (scalefactors[{SCALEFACTOR_SPOT_DIAMETER!r}]): square "
+                "bins touch, so one of the two is wrong."
+            )
+        return bin_size, bin_size / diameter
     raise KeyError(
         f"Library {library!r} has neither scalefactors[{SCALEFACTOR_MPP!r}] nor "
         f"[{SCALEFACTOR_SPOT_DIAMETER!r}]: the image resolution is unknown."
     )
+
+
+def _bin_pitch(adata: AnnData, rows: np.ndarray, xy: np.ndarray) -> float:
+    """Pixels per step of the bins' grid, or NaN where the bins do not say.
+
+    With ``array_row``/``array_col``: the least-squares map from grid positions to centres
+    (bins missing in between, or jittered centres, do not bias it). Without: the median distance
+    to the nearest bin, when the bins lie on an axis-aligned grid of that step.
+    """
+    if len(xy) < 2:
+        return float("nan")
+    if all(column in adata.obs for column in _GRID_COLUMNS):
+        grid = adata.obs[list(_GRID_COLUMNS)].iloc[rows].to_numpy()
+        if np.issubdtype(grid.dtype, np.number) and np.isfinite(grid).all():
+            design = np.column_stack([grid.astype(np.float64), np.ones(len(grid))])
+            if np.linalg.matrix_rank(design) == 3:
+                steps = np.linalg.lstsq(design, xy, rcond=None)[0][:2]
+                return float(np.linalg.norm(steps, axis=1).mean())
+    query = np.arange(len(xy))
+    if len(xy) > _PITCH_SAMPLE:  # a sample gives the median as well
+        query = np.random.default_rng(0).choice(len(xy), _PITCH_SAMPLE, replace=False)
+    distances, _ = cKDTree(xy).query(xy[query], k=2)
+    pitch = float(np.median(distances[:, 1]))
+    position = (xy - xy.min(axis=0)) / pitch if pitch > 0 else xy * np.nan
+    if not np.abs(position - np.rint(position)).max() <= _GRID_TOLERANCE:
+        return float("nan")  # no grid of that step: the grid's own check says so
+    return pitch
 
 
 def _factor(size_um: float, bin_size: float, library: str) -> int:

@@ -9,7 +9,6 @@ and :meth:`RankByGene.predict_expression`) from ``metadata["source_image_path"]`
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,16 +31,22 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     TISSUE_FRACTION_KEY,
 )
-from rankbygene._layout import scaled_size, shrink, spatial_entry, thumbnails
+from rankbygene._layout import (
+    read_thumbnail,
+    scaled_size,
+    shrink,
+    spatial_entry,
+    thumbnails,
+    tissue_mask,
+)
 from rankbygene._logging import logger
-from rankbygene.io._image import ImageReader, PILImage, open_image, resize
+from rankbygene.io._image import ImageReader, open_image
 from rankbygene.io._wsidata import TileBoxes, WSIDataImage, is_wsidata, table_boxes
 
-__all__ = ["tile_slide", "tissue_mask"]
+__all__ = ["tile_slide"]
 
 _MASK_MIN_TILE_PX = 8  # mask pixels along a tile side, at least (when the mask size allows)
 _MASK_MAX_SIDE = 8192  # longest side of the tissue mask
-_BAND_PIXELS = 1 << 25  # source pixels decoded per band of the thumbnail (~100 MB of RGB)
 _LOWRES_MAX_SIDE = 600  # as Visium's tissue_lowres_image
 
 
@@ -329,87 +334,6 @@ def _tile(
         f"with at least {tissue_threshold:.0%} tissue; {mask.mean():.1%} of the slide is tissue"
     )
     return adata
-
-
-def read_thumbnail(reader: ImageReader, scale: float) -> np.ndarray:
-    """The slide downscaled by ``scale`` (thumbnail pixels per full-resolution pixel).
-
-    Read band by band from the coarsest pyramid level that suffices, so that at most about
-    ``2**25`` source pixels are decoded at a time (JPEG/PNG files, which have no random access,
-    are decoded by PIL's draft mode or whole).
-    """
-    height, width = reader.shape
-    out_w = max(1, int(round(width * scale)))
-    out_h = max(1, int(round(height * scale)))
-    if isinstance(reader, PILImage):
-        thumb, _ = reader.thumbnail(max(out_w, out_h))
-        return resize(thumb, (out_w, out_h))
-    level = reader.best_level(width / out_w)
-    down = reader.level_downsamples[level]
-    level_width = width / down
-    source_rows_per_row = (height / out_h) / down
-    rows_per_band = max(1, int(_BAND_PIXELS // max(1.0, level_width * source_rows_per_row)))
-    thumb = np.empty((out_h, out_w, 3), dtype=np.uint8)
-    for r0 in range(0, out_h, rows_per_band):
-        r1 = min(out_h, r0 + rows_per_band)
-        y0 = r0 * height / out_h
-        y1 = r1 * height / out_h
-        thumb[r0:r1] = reader.read_region(0, y0, width, y1 - y0, out_size=(out_w, r1 - r0))
-    return thumb
-
-
-def tissue_mask(
-    thumbnail: np.ndarray,
-    min_saturation: float = 0.05,
-    min_area: float = 1e-4,
-) -> tuple[np.ndarray, float]:
-    """Tissue pixels of an RGB thumbnail: Otsu's threshold on saturation, cleaned up.
-
-    Parameters
-    ----------
-    thumbnail
-        ``(H, W, 3)`` uint8 image.
-    min_saturation
-        Lowest threshold (Otsu's is raised to it), in [0, 1].
-    min_area
-        Specks and holes smaller than this fraction of the thumbnail are removed or filled.
-
-    Returns
-    -------
-    Boolean ``(H, W)`` mask and the saturation threshold used.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from rankbygene.pp._tile import tissue_mask
-    >>> image = np.full((64, 64, 3), 240, np.uint8)
-    >>> image[16:48, 16:48] = (200, 120, 180)  # a pink square on glass
-    >>> mask, threshold = tissue_mask(image)
-    >>> bool(mask[16:48, 16:48].mean() > 0.99), bool(mask[:16].any())
-    (True, False)
-    """
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
-    from skimage.morphology import remove_small_holes, remove_small_objects
-
-    rgb = np.asarray(thumbnail)
-    high = rgb.max(axis=-1).astype(np.float32)
-    low = rgb.min(axis=-1).astype(np.float32)
-    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
-    # CLAM blurs the saturation before thresholding: speckle noise on glass does not pass.
-    saturation = ndimage.median_filter(saturation, size=3)
-    if float(saturation.max() - saturation.min()) > 1e-6:
-        threshold = float(threshold_otsu(saturation))
-    else:
-        threshold = float(saturation.max())
-    threshold = max(threshold, float(min_saturation))
-    mask = saturation > threshold
-    min_size = max(1, int(round(min_area * mask.size)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # skimage warns on masks with a single label
-        mask = remove_small_objects(mask, min_size)
-        mask = remove_small_holes(mask, min_size)
-    return mask, threshold
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -41,9 +41,13 @@ def patch_statistics(
     ----------
     adata
         AnnData in the scanpy/squidpy spatial layout.
-    library_key, spatial_key, image_key, patch_scale, patch_size, out_of_bounds
+    library_key, spatial_key, image_key, patch_scale, patch_size
         Patch geometry, as :class:`~rankbygene.data.PatchExtractor`; use the model's
         ``patch_scale`` to compare with it on the same context.
+    out_of_bounds
+        Spots whose patch misses pixels (beyond the image, or NaN or infinite pixels): ``"pad"``
+        them with white, with a warning counting them (the default, as for training), or
+        ``"raise"`` an error counting them.
     batch_size
         Patches processed at once (memory: ``batch_size * patch_size**2 * 40`` bytes).
     key_added
