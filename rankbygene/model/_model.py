@@ -28,6 +28,7 @@ from rankbygene.model._save_load_mixin import SaveLoadMixin
 from rankbygene.model._setup import validate_setup
 from rankbygene.model._training_mixin import TrainingMixin
 from rankbygene.model._training_plan import RankByGeneTrainingPlan
+from rankbygene.model._unsupported import Unsupported, visible_members
 
 
 class RankByGene(
@@ -107,6 +108,19 @@ class RankByGene(
     _module_cls = RankByGeneModule
     _training_plan_cls = RankByGeneTrainingPlan
     _train_runner_cls = TrainRunner
+
+    # scvi-tools' methods for generative models of expression raise NotImplementedError here;
+    # hidden, with what to use instead, so that they show neither in dir() nor in the docs
+    get_normalized_expression = Unsupported(
+        "predict_expression (expression predicted from the image, log-normalised)"
+    )
+    get_normalized_function_name = Unsupported("predict_expression")
+    differential_abundance = Unsupported(
+        "scanpy on the embedding (sc.pp.neighbors(adata, use_rep='X_rankbygene'))"
+    )
+
+    def __dir__(self) -> list[str]:
+        return visible_members(self)
 
     def __init__(
         self,

@@ -175,3 +175,40 @@ class RepresentationMixin:
                 )
             ]
         )
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        library_key: str | None = None,
+        num_workers: int | None = None,
+    ) -> np.ndarray:
+        """The latent space of scvi-tools models: here the image representation.
+
+        The L2-normalised teacher image embedding of each spot's patch, the same array as
+        :meth:`get_image_representation` with ``kind="embedding"``: the representation that
+        works on slides without spatial transcriptomics. The gene side is
+        :meth:`get_gene_representation`.
+
+        Parameters
+        ----------
+        adata, indices, batch_size, library_key, num_workers
+            As :meth:`get_image_representation`.
+
+        Returns
+        -------
+        ``(n_spots, n_latent)`` float32 array; store it as ``adata.obsm["X_rankbygene"]``.
+
+        Examples
+        --------
+        >>> adata.obsm["X_rankbygene"] = model.get_latent_representation()
+        >>> sc.pp.neighbors(adata, use_rep="X_rankbygene")
+        """
+        return self.get_image_representation(
+            adata,
+            indices=indices,
+            batch_size=batch_size,
+            library_key=library_key,
+            num_workers=num_workers,
+        )

@@ -137,7 +137,7 @@ def tile_slide(
     >>> import rankbygene as rbg
     >>> tiles = rbg.pp.tile_slide("slide.svs", tile_size_um=112)  # doctest: +SKIP
     >>> tiles.obsm["X_rankbygene"] = model.get_image_representation(tiles)  # doctest: +SKIP
-    >>> predicted = model.predict_expression(tiles)  # doctest: +SKIP
+    >>> predicted = model.predict_expression(tiles, copy=True)  # doctest: +SKIP
     >>> import squidpy as sq
     >>> sq.pl.spatial_scatter(predicted, color="ERBB2", shape="square")  # doctest: +SKIP
 
