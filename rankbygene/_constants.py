@@ -11,8 +11,10 @@ PREDICTED_LAYER_KEY = "rankbygene_predicted"
 UNS_KEY = "rankbygene"
 #: ``layers`` key of the log-normalised expression of ``pp.normalize``.
 LOGNORM_LAYER_KEY = "lognorm"
-#: Appended to the layer's name by ``pp.smooth_expression`` (``"lognorm_smoothed"``).
+#: Appended to the layer's name by ``pp.smooth_expression`` (``"lognorm_smoothed"``); the layer
+#: of smoothed ``X`` is ``"smoothed"`` (no ``X_`` prefix: scanpy keeps that for ``obsm``).
 SMOOTHED_LAYER_SUFFIX = "_smoothed"
+SMOOTHED_LAYER_KEY = "smoothed"
 #: ``var`` column of ``pp.select_genes``: whether a gene is in the panel.
 PANEL_KEY = "rankbygene_panel"
 #: ``obs`` column of ``tl.rank_consistency``.

@@ -366,7 +366,7 @@ def test_smoothing_on_square_bins(bins):
     """A bin's smoothed value is the mean over its 3 x 3 block of bins (those in the tissue)."""
     adata = bins.copy()
     rbg.pp.smooth_expression(adata)
-    x, smoothed = adata.X.toarray(), adata.layers["X_smoothed"].toarray()
+    x, smoothed = adata.X.toarray(), adata.layers["smoothed"].toarray()
     cells = _cell(adata, 8)
     for (r, c), i in list(cells.items())[::7]:
         block = [
@@ -378,7 +378,7 @@ def test_smoothing_on_square_bins(bins):
         np.testing.assert_allclose(smoothed[i], x[block].mean(axis=0), rtol=1e-5, atol=1e-5)
     spots = aggregate_bins(bins, size_um=32, min_bins=8)
     rbg.pp.smooth_expression(spots, library_key="library_id")  # pseudo-spots: a square grid too
-    assert spots.layers["X_smoothed"].shape == spots.shape
+    assert spots.layers["smoothed"].shape == spots.shape
 
 
 # ---------------------------------------------------------------------------- the model

@@ -559,7 +559,7 @@ def test_real_sections_train_end_to_end():
 
     sections = [rbg.datasets.her2st(s, path=HER2ST) for s in ("C2", "C3")]
     adata = ad.concat(sections, join="inner", uns_merge="unique")
-    rbg.pp.select_genes(adata, n_top=50, flavor="heg")
+    rbg.pp.select_genes(adata, n_top=50, flavor="heg", subset=True)
     rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
     scvi.settings.seed = 0
     model = rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=16)

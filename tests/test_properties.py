@@ -800,7 +800,9 @@ def test_select_genes_hvg_on_small_data(data: tuple[AnnData, str | None], n_top:
     """seurat_v3's loess on few spots and genes: a panel or a clear error, never a crash."""
     adata, layer = data
     before = copy.deepcopy(adata)
-    call = lambda: rbg.pp.select_genes(adata, n_top=n_top, flavor="hvg", layer=layer, copy=True)  # noqa: E731
+    call = lambda: rbg.pp.select_genes(  # noqa: E731
+        adata, n_top=n_top, flavor="hvg", layer=layer, subset=True, copy=True
+    )
     result, err = outcome(call, ["n_top", "var_names", *_matrix_names(layer)])
     assert_unchanged(before, adata)
     if err is None:
@@ -1206,7 +1208,7 @@ def test_hvg_on_narrow_integer_counts(dtype: type) -> None:
     # on which scikit-misc's loess killed the interpreter with a segfault
     counts = np.random.default_rng(0).poisson(50_000 if dtype == np.int32 else 500, (5, 21))
     adata = AnnData(counts.astype(dtype))
-    rbg.pp.select_genes(adata, n_top=5, flavor="hvg")
+    rbg.pp.select_genes(adata, n_top=5, flavor="hvg", subset=True)
     assert adata.n_vars == 5
 
 
