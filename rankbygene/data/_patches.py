@@ -15,6 +15,7 @@ import numpy as np
 from anndata import AnnData
 
 from rankbygene._constants import IMAGES_KEY, MAX_SPOT_UPSAMPLING, SPATIAL_KEY
+from rankbygene._docs import d
 from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
 from rankbygene.io._image import BACKGROUND, ArrayImage, is_lazy_array, open_image
@@ -32,6 +33,7 @@ _CACHES = (None, "memory", "disk")
 _RESOLUTION_REPORTED: set[tuple[Any, ...]] = set()
 
 
+@d.dedent
 class PatchExtractor:
     """Image patches centred on the spots of an AnnData, one or several libraries.
 
@@ -52,8 +54,7 @@ class PatchExtractor:
     adata
         AnnData in the scanpy/squidpy spatial layout. Only what is needed is kept (coordinates,
         library of each spot, image sources, references to in-memory images); it is not modified.
-    library_key
-        Column of ``obs`` naming each spot's library; needed when ``uns["spatial"]`` has several.
+    %(library_key)s
     spatial_key
         Key in ``obsm`` of the spot centres ``(x, y)`` in full-resolution pixels.
     image_key
@@ -199,6 +200,7 @@ class PatchExtractor:
         self._warned_thrash = False
 
     @classmethod
+    @d.dedent
     def from_settings(
         cls,
         adata: AnnData,
@@ -216,9 +218,7 @@ class PatchExtractor:
             AnnData in the scanpy/squidpy spatial layout.
         settings
             The model's :class:`~rankbygene.data.ImageSettings` (``model.image_settings``).
-        library_key
-            ``obs`` column of libraries; default: ``settings.library_key`` where ``adata.obs``
-            has that column (an AnnData of one library may lack it).
+        %(library_key_model)s
         out_of_bounds, cache, cache_dir
             As for the constructor.
 

@@ -40,6 +40,7 @@ from rankbygene._constants import (
     SPATIALDATA_ATTRS_KEY,
     UNS_KEY,
 )
+from rankbygene._docs import d
 
 # the entry builder only: rankbygene._layout's readers of images import rankbygene.io
 from rankbygene._layout._entry import image_scales, spatial_entry
@@ -210,6 +211,7 @@ def from_spatialdata(
     return adata
 
 
+@d.dedent
 def to_spatialdata(
     adata: AnnData,
     sdata: SpatialData | None = None,
@@ -252,9 +254,9 @@ def to_spatialdata(
     predicted_table_key
         Table for layers over genes other than the table's; default
         ``"<table_key>_rankbygene"``.
-    library_key
-        ``obs`` column of libraries (new object only); default found as ``setup_anndata``
-        does. Library ids must be valid element names (letters, digits, ``_``, ``-``, ``.``).
+    %(library_key)s
+        For a new object only. Library ids must be valid element names (letters, digits,
+        ``_``, ``-``, ``.``).
     instance_key
         ``obs`` column of circle ids written to the new object's table.
 

@@ -17,6 +17,7 @@ from scvi.train import TrainRunner
 from torch import nn
 
 from rankbygene._constants import SPATIAL_KEY
+from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key
 from rankbygene.data import ImageSettings
 from rankbygene.model._data import FEATURES_REGISTRY_KEY, SPATIAL_REGISTRY_KEY
@@ -243,6 +244,7 @@ class RankByGene(
 
     # -- setup ----------------------------------------------------------------------------
     @classmethod
+    @d.dedent
     def setup_anndata(
         cls,
         adata: AnnData,
@@ -266,14 +268,11 @@ class RankByGene(
 
         Parameters
         ----------
-        adata
-            AnnData in the scanpy/squidpy spatial layout.
-        layer
-            Layer with the expression (raw counts unless ``is_log_normalized``); ``None``: ``X``.
-        library_key
-            ``obs`` column naming each spot's library. ``None`` with several libraries: the
-            column whose values are library ids of ``uns["spatial"]`` (``library_id`` when
-            several qualify), logged at INFO level.
+        %(adata)s
+        %(layer)s
+            Raw counts unless ``is_log_normalized``.
+        %(library_key)s
+            The column found is recorded, and the model's methods use it.
         spatial_key
             ``obsm`` key of the spot centres in full-resolution pixels.
         image_key

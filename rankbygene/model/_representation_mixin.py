@@ -11,6 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 from scvi import REGISTRY_KEYS, settings
 
+from rankbygene._docs import d
 from rankbygene.model._data import image_loader
 from rankbygene.model._setup import check_var_names
 
@@ -19,6 +20,7 @@ class RepresentationMixin:
     """Image and gene embeddings of :class:`~rankbygene.model.RankByGene`."""
 
     @torch.inference_mode()
+    @d.dedent
     def get_image_representation(
         self,
         adata: AnnData | None = None,
@@ -43,17 +45,12 @@ class RepresentationMixin:
             the AnnData of the model.
         indices
             Spots to embed (default: all).
-        batch_size
-            Spots per forward pass (default: ``scvi.settings.batch_size``, at least 256 on a GPU).
+        %(batch_size)s
         kind
             ``"embedding"``: the L2-normalised projected embedding (``n_latent``);
             ``"backbone"``: the backbone features.
-        library_key
-            ``obs`` column of libraries in ``adata`` (default: the one given at setup when
-            ``adata`` has it).
-        num_workers
-            DataLoader workers reading patches while the encoder runs (default: one per spare
-            CPU core, up to 8, on Linux for more than two batches; otherwise none).
+        %(library_key_model)s
+        %(num_workers)s
         out_of_bounds
             Patches leaving the image are padded (default) or raise.
         progress
@@ -176,6 +173,7 @@ class RepresentationMixin:
             ]
         )
 
+    @d.dedent
     def get_latent_representation(
         self,
         adata: AnnData | None = None,
@@ -193,8 +191,12 @@ class RepresentationMixin:
 
         Parameters
         ----------
-        adata, indices, batch_size, library_key, num_workers
-            As :meth:`get_image_representation`.
+        %(adata_model)s
+        indices
+            Spots to embed (default: all).
+        %(batch_size)s
+        %(library_key_model)s
+        %(num_workers)s
 
         Returns
         -------

@@ -24,6 +24,7 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     SPATIALDATA_ATTRS_KEY,
 )
+from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
 
@@ -34,6 +35,7 @@ _GRID_TOLERANCE = 0.25
 _GRID_COLUMNS = (ARRAY_ROW_KEY, ARRAY_COL_KEY)
 
 
+@d.dedent
 def aggregate_bins(
     adata: AnnData,
     size_um: float,
@@ -77,9 +79,8 @@ def aggregate_bins(
     size_um
         Side of a pseudo-spot in microns: a whole multiple of the bin size (e.g. 32 or 48 um
         from 8 um bins; 56 um is the nearest to a Visium spot's 55 um).
-    library_key
-        ``obs`` column naming each bin's library; found as ``setup_anndata`` finds it when
-        ``None``. Bins of different libraries are never summed together.
+    %(library_key)s
+        Bins of different libraries are never summed together.
     bin_size_um
         Bin side in microns, for libraries whose ``scalefactors`` lack ``bin_size_um``.
     min_bins

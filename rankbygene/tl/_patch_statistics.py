@@ -43,7 +43,8 @@ def patch_statistics(
     ----------
     adata
         AnnData in the scanpy/squidpy spatial layout.
-    library_key, spatial_key, image_key, patch_scale, patch_size, out_of_bounds
+    %(library_key)s
+    spatial_key, image_key, patch_scale, patch_size, out_of_bounds
         Patch geometry, as :class:`~rankbygene.data.PatchExtractor`; use the model's
         ``patch_scale`` to compare with it on the same context.
     batch_size

@@ -29,6 +29,7 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
+from rankbygene._docs import d
 from rankbygene._layout import ImageSource, spot_libraries
 from rankbygene._logging import logger
 
@@ -460,6 +461,7 @@ def _plain(value: Any) -> Any:
 # ------------------------------------------------------------------------------ pooling
 
 
+@d.dedent
 def slide_features(
     data: SlideInput,
     library_key: str | None = None,
@@ -475,8 +477,8 @@ def slide_features(
         a list of AnnData (one slide each; ids from their ``uns["spatial"]`` library), a
         mapping of slide id to AnnData, the DataFrame returned by :func:`embed_slides` or the
         folder it wrote (files are read without their images).
-    library_key
-        ``obs`` column of the slide of each tile, for an AnnData holding several slides.
+    %(library_key)s
+        For an AnnData holding several slides.
     use_rep
         ``obsm`` key of the tile embeddings.
     method
@@ -593,11 +595,6 @@ def _bags_of_anndata(
     matrix = np.asarray(adata.obsm[use_rep], dtype=np.float32)
     if slide_id is not None:
         return {slide_id: check_bag(matrix, where)}
-    if library_key is None and len(adata.uns.get(SPATIAL_KEY, {}) or {}) > 1:
-        raise ValueError(
-            f"adata holds {len(adata.uns[SPATIAL_KEY])} libraries: pass library_key, the obs "
-            "column of each tile's slide."
-        )
     libraries = spot_libraries(adata, library_key)
     return {
         str(lib): check_bag(matrix[libraries == lib], f"{where} of slide {lib!r}")
