@@ -128,6 +128,11 @@ MAX_SPOT_UPSAMPLING = 4.0
 
 # Logging.
 LOGGER_NAME = "rankbygene"
+#: scvi-tools' logger: its INFO lines (e.g. "Generating sequential column names" at each setup,
+#: "File model.pt already downloaded" at each load) show only at the package's verbosity.
+SCVI_LOGGER_NAME = "scvi"
+#: Seconds of work before a progress bar shows: shorter work shows none.
+PROGRESS_DELAY_S = 2.0
 #: Lightning's advertisement lines start with this; its loggers that emit them.
 LIGHTNING_TIP_PREFIX = "💡 Tip"
 LIGHTNING_RANK_ZERO_LOGGERS = (

@@ -312,7 +312,7 @@ class PatchExtractor:
         --------
         >>> patches = PatchExtractor(adata, cache="disk").materialize()  # doctest: +SKIP
         """
-        from tqdm.auto import tqdm
+        from rankbygene._progress import progress_bar
 
         if self.cache is None:
             raise ValueError("materialize() needs a cache: pass cache='memory' or cache='disk'.")
@@ -320,7 +320,9 @@ class PatchExtractor:
             self._open_disk_cache(create=True)
         todo = np.flatnonzero(~self._filled)
         n_before = len(self.indices) - len(todo)
-        bar = tqdm(total=len(todo), disable=not progress, desc="Extracting patches", unit="patch")
+        bar = progress_bar(
+            total=len(todo), disable=not progress, desc="Extracting patches", unit="patch"
+        )
         try:
             codes = self._library_code[self.indices[todo]]
             for code, lib in enumerate(self.libraries):

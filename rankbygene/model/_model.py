@@ -13,18 +13,19 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField, ObsmField
 from scvi.model.base import BaseModelClass
-from scvi.train import TrainRunner
 from torch import nn
 
 from rankbygene._constants import SPATIAL_KEY
 from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key
+from rankbygene._logging import quiet_scvi_info
 from rankbygene.data import ImageSettings
 from rankbygene.model._data import FEATURES_REGISTRY_KEY, SPATIAL_REGISTRY_KEY
 from rankbygene.model._encoders import create_backbone
 from rankbygene.model._module import RankByGeneModule
 from rankbygene.model._prediction_mixin import PredictionMixin
 from rankbygene.model._representation_mixin import RepresentationMixin
+from rankbygene.model._runner import RankByGeneTrainRunner
 from rankbygene.model._save_load_mixin import SaveLoadMixin
 from rankbygene.model._setup import validate_setup
 from rankbygene.model._training_mixin import TrainingMixin
@@ -108,7 +109,7 @@ class RankByGene(
 
     _module_cls = RankByGeneModule
     _training_plan_cls = RankByGeneTrainingPlan
-    _train_runner_cls = TrainRunner
+    _train_runner_cls = RankByGeneTrainRunner
 
     # scvi-tools' methods for generative models of expression raise NotImplementedError here;
     # hidden, with what to use instead, so that they show neither in dir() nor in the docs
@@ -122,6 +123,11 @@ class RankByGene(
 
     def __dir__(self) -> list[str]:
         return visible_members(self)
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
+        # a new AnnData is set up from the model's registry: scvi-tools' INFO lines stay quiet
+        with quiet_scvi_info():
+            return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def __init__(
         self,
@@ -317,7 +323,7 @@ class RankByGene(
         if features_key is not None:
             fields.append(ObsmField(FEATURES_REGISTRY_KEY, features_key))
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_scvi_info():
             warnings.filterwarnings("ignore", message=".*not contain count data.*")
             adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)

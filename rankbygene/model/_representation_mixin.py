@@ -12,6 +12,7 @@ from scipy import sparse
 from scvi import REGISTRY_KEYS, settings
 
 from rankbygene._docs import d
+from rankbygene._progress import progress_bar
 from rankbygene.model._data import image_loader
 from rankbygene.model._setup import check_var_names
 
@@ -89,8 +90,6 @@ class RepresentationMixin:
         return self._embed_batches(loader, kind, progress)
 
     def _embed_batches(self, loader, kind: str, progress: bool | None) -> np.ndarray:
-        from tqdm.auto import tqdm
-
         module = self.module
         module.eval()
         device = self.device
@@ -100,7 +99,7 @@ class RepresentationMixin:
         # bf16 where the GPU has it: fp16's range can overflow in large backbones
         amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else None
         outputs = []
-        for batch in tqdm(loader, desc="Embedding", disable=not show, unit="batch"):
+        for batch in progress_bar(loader, desc="Embedding", disable=not show, unit="batch"):
             images = batch[key].to(device, non_blocking=True)
             if use_amp and images.ndim == 4:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -11,7 +11,7 @@ from typing import Any, Self
 import torch
 from anndata import AnnData
 
-from rankbygene._logging import logger
+from rankbygene._logging import logger, quiet_scvi_info
 from rankbygene.model._checkpoint import check_finite_state, verify_checksums, write_checksums
 from rankbygene.model._setup import check_var_names
 
@@ -102,14 +102,15 @@ class SaveLoadMixin:
             )
         if adata is not None:
             check_var_names(adata, saved["var_names"])
-        return super().load(
-            str(dir_path),
-            adata=adata,
-            accelerator=accelerator,
-            device=device,
-            prefix=prefix,
-            **kwargs,
-        )
+        with quiet_scvi_info():  # "File model.pt already downloaded" and setup lines
+            return super().load(
+                str(dir_path),
+                adata=adata,
+                accelerator=accelerator,
+                device=device,
+                prefix=prefix,
+                **kwargs,
+            )
 
 
 def fsync_tree(folder: Path) -> None:

@@ -140,8 +140,7 @@ def embed_slides(
     >>> done = rbg.tl.embed_slides(model, cohort["path"], "features/")  # doctest: +SKIP
     >>> features = rbg.tl.slide_features(done)  # mean over tiles  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
+    from rankbygene._progress import progress_bar
     from rankbygene.data import PatchExtractor
     from rankbygene.pp._tile import open_slide, tile_slide
 
@@ -219,7 +218,7 @@ def embed_slides(
     embed = {"kind": kind, "batch_size": batch_size, "num_workers": num_workers}
     errors: dict[str, str] = {}
     first_error: Exception | None = None
-    for slide_id in tqdm(todo, desc="Slides", unit="slide", disable=not show):
+    for slide_id in progress_bar(todo, desc="Slides", unit="slide", disable=not show):
         path = slides[slide_id]
         output = out_dir / f"{slide_id}{_SUFFIX}"
         try:
