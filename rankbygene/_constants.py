@@ -81,6 +81,10 @@ METADATA_SPATIALDATA_IMAGE = "spatialdata_image"
 METADATA_TILE_SIZE_UM = "tile_size_um"
 METADATA_TILE_SIZE_PX = "tile_size_px"
 METADATA_STRIDE_PX = "stride_px"
+#: Tiles of a LazySlide/wsidata tile table: the downsample of the pyramid level its tile spec
+#: reads them from, so that the package reads the same pixels (not the coarsest level that
+#: suffices for the encoder's input).
+METADATA_READ_DOWNSAMPLE = "read_downsample"
 METADATA_TISSUE_THRESHOLD = "tissue_threshold"
 METADATA_SATURATION_THRESHOLD = "saturation_threshold"
 

@@ -21,6 +21,7 @@ from rankbygene._constants import (
     LIBRARY_ID_KEY,
     METADATA_KEY,
     METADATA_PATCHES_PATH,
+    METADATA_READ_DOWNSAMPLE,
     METADATA_SOURCE_IMAGE,
     METADATA_TILE_SIZE_UM,
     SCALEFACTOR_SPOT_DIAMETER,
@@ -64,6 +65,10 @@ class ImageSource:
     tile_size_um
         Tile side in microns for a library of whole-slide tiles (``metadata["tile_size_um"]``,
         written by :func:`rankbygene.pp.tile_slide`); ``None`` for spots.
+    read_downsample
+        Pyramid level (by its downsample) that patches are read from, for tiles of a
+        LazySlide tile table (``metadata["read_downsample"]``); ``None``: the coarsest level
+        that suffices.
     """
 
     library_id: str
@@ -73,6 +78,7 @@ class ImageSource:
     scale: float = 1.0
     patches_path: Path | None = None
     tile_size_um: float | None = None
+    read_downsample: float | None = None
 
     @property
     def kind(self) -> Literal["file", "memory", "patches"]:
@@ -371,16 +377,22 @@ def _image_source(entry: dict[str, Any], library_id: str, image_key: str | None)
             f"{where}[{SCALEFACTORS_KEY!r}][{SCALEFACTOR_SPOT_DIAMETER!r}] is missing or not "
             "positive: the patch size is derived from it."
         )
-    return ImageSource(library_id, diameter, tile_size_um=_tile_size(metadata), **source)
+    return ImageSource(
+        library_id,
+        diameter,
+        tile_size_um=_positive(metadata, METADATA_TILE_SIZE_UM),
+        read_downsample=_positive(metadata, METADATA_READ_DOWNSAMPLE),
+        **source,
+    )
 
 
-def _tile_size(metadata: Mapping[str, Any]) -> float | None:
-    """``metadata["tile_size_um"]`` of a library of whole-slide tiles; ``None`` for spots."""
+def _positive(metadata: Mapping[str, Any], key: str) -> float | None:
+    """A positive finite number of ``metadata`` (a tile side, a read level); ``None`` else."""
     try:
-        size = float(metadata[METADATA_TILE_SIZE_UM])
+        value = float(metadata[key])
     except (KeyError, TypeError, ValueError):
         return None
-    return size if np.isfinite(size) and size > 0 else None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def _spot_diameter(scalefactors: dict[str, Any]) -> float | None:

@@ -473,7 +473,8 @@ class PatchExtractor:
                 return np.full((self.patch_size, self.patch_size, 3), BACKGROUND, dtype=np.uint8)
             return handle.read(int(row), self.patch_size)
         x0, y0, side = self._boxes[i]
-        return handle.read_region(x0, y0, side, side, out_size=self.patch_size)
+        downsample = self.sources[lib].read_downsample  # a LazySlide tile spec's level
+        return handle.read_region(x0, y0, side, side, self.patch_size, downsample)
 
     def _handle(self, lib: str) -> Any:
         self._check_process()
