@@ -114,7 +114,7 @@ def aggregate_bins(
     >>> spots = rbg.pp.aggregate_bins(bins, size_um=32)
     >>> int(spots.obs["n_bins"].max())
     16
-    >>> spots.uns["spatial"]["synthetic_hd_square_008um"]["scalefactors"]["bin_size_um"]
+    >>> spots.uns["spatial"]["synthetic_hd"]["scalefactors"]["bin_size_um"]
     32.0
     """
     if isinstance(min_bins, bool) or not isinstance(min_bins, int | np.integer) or min_bins < 1:
