@@ -42,7 +42,7 @@ layer
 
 _key_added = """\
 key_added
-    Key under which the result is written (see Returns for where)."""
+    Key the result is written under."""
 
 _copy = """\
 copy

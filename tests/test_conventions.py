@@ -53,7 +53,7 @@ def test_setup_anndata_documents_the_function_rule():
     assert d.params["library_key"] in inspect.cleandoc(rbg.RankByGene.setup_anndata.__doc__)
 
 
-@pytest.mark.parametrize("name", ["copy", "batch_size", "num_workers", "layer"])
+@pytest.mark.parametrize("name", ["copy", "batch_size", "num_workers", "layer", "key_added"])
 def test_shared_parameters_use_the_shared_text(name):
     takers = [
         f
@@ -74,6 +74,13 @@ def test_shared_parameters_use_the_shared_text(name):
         "batch_size": {rbg.RankByGene.predict_expression},
         "num_workers": {rbg.RankByGene.predict_expression},
         "layer": {rbg.pp.select_genes, rbg.pp.normalize, rbg.pp.smooth_expression},
+        "key_added": {
+            rbg.pp.normalize,
+            rbg.pp.smooth_expression,
+            rbg.tl.rank_consistency,
+            rbg.tl.patch_statistics,
+            rbg.RankByGene.predict_expression,
+        },
     }[name]
     assert expected <= set(shared)
 

@@ -38,6 +38,7 @@ from scipy import sparse
 import rankbygene as rbg
 from rankbygene.io._image import as_rgb_uint8, open_image
 from rankbygene.pp._genes import MIN_HVG_GENES, _n_varying_genes
+from rankbygene.pp._smooth import smoothed_layer_key
 
 # Library warnings (a partial spot match, scanpy's on odd input) are expected on random input.
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -890,7 +891,7 @@ def test_smooth_expression_on_random_layouts(
     if err is not None:
         return
     out = result if copy_ else adata
-    key = f"{layer or 'X'}_smoothed"
+    key = smoothed_layer_key(layer)
     smoothed = _dense(out.layers[key]).astype(np.float64)
     assert smoothed.shape == adata.shape
     assert np.isfinite(smoothed).all()

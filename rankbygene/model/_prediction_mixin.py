@@ -79,8 +79,8 @@ class PredictionMixin:
         reference
             Spots with images and expression to fit on or retrieve from; default: the model's
             training spots. Must have the model's genes in the layer used at setup.
-        key_added
-            ``layers`` key of the prediction.
+        %(key_added)s
+            In ``layers``.
         k
             Neighbours for ``"knn"``.
         representation

@@ -181,8 +181,8 @@ def normalize(
         the spots with counts (scanpy's default for dense counts; sparse ones get the same).
     %(layer)s
         Raw counts.
-    key_added
-        Layer that receives the log-normalised values; must differ from ``layer``.
+    %(key_added)s
+        In ``layers``; not ``layer`` itself.
     inplace
         ``False``: write nothing and return the values (as scanpy's
         ``normalize_total(inplace=False)`` returns its result).

@@ -155,9 +155,8 @@ def smooth_expression(
         8 with ``n_neighs=8`` on a square grid), 2 adds the next ring, and so on.
     %(layer)s
         Usually log-normalised expression (see :func:`rankbygene.pp.normalize`).
-    key_added
-        Layer that receives the result; default ``f"{layer}_smoothed"``, or ``"smoothed"``
-        when smoothing ``X``.
+    %(key_added)s
+        In ``layers``; default ``f"{layer}_smoothed"``, or ``"smoothed"`` for ``X``.
     %(library_key)s
         Spots are only averaged with spots of the same library.
     spatial_key

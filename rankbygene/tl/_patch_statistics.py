@@ -49,8 +49,8 @@ def patch_statistics(
         ``patch_scale`` to compare with it on the same context.
     batch_size
         Patches processed at once (memory: ``batch_size * patch_size**2 * 40`` bytes).
-    key_added
-        ``obsm`` key of the ``(n_spots, 23)`` result.
+    %(key_added)s
+        In ``obsm`` (the values) and ``uns`` (their names).
     %(copy)s
 
     Returns

@@ -52,8 +52,8 @@ def rank_consistency(
         ``None`` ranks every other spot of the library (its global scale).
     %(library_key)s
         Spots are only compared within their library.
-    key_added
-        ``obs`` column of the scores.
+    %(key_added)s
+        In ``obs``.
     %(copy)s
 
     Returns
