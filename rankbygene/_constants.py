@@ -147,8 +147,10 @@ LIGHTNING_RANK_ZERO_LOGGERS = (
 #: exception) when training raises, interruptions included; the exception itself propagates.
 SCVI_TRAINING_EXCEPTION_PRINT = "Exception raised during training."
 #: (category, emitting module) of third-party warnings raised on import that say nothing about
-#: the user's code: docrep's complaints about squidpy's docstrings.
-QUIET_IMPORT_WARNINGS = ((SyntaxWarning, r"docrep(\.|$)"),)
+#: the user's code: docrep's complaints about squidpy's docstrings, and tqdm's "IProgress not
+#: found" when scvi-tools imports ``tqdm.auto`` in Jupyter without ipywidgets (the package's
+#: own bars do without ipywidgets; tqdm raises no other warning on import).
+QUIET_IMPORT_WARNINGS = ((SyntaxWarning, r"docrep(\.|$)"), (Warning, r"tqdm\.auto"))
 #: (category, emitting module) of third-party warnings the command line and ``train()`` drop:
 #: Lightning 2.6 calling an API that PyTorch deprecated.
 QUIET_RUN_WARNINGS = ((FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),)

@@ -225,9 +225,10 @@ def quiet_lightning_tips() -> None:
 def ignore_import_warnings() -> None:
     """Drop, for the whole session, third-party warnings that say nothing about the user's code.
 
-    Importing squidpy makes docrep report ``SyntaxWarning``s about squidpy's own docstrings;
+    Importing squidpy makes docrep report ``SyntaxWarning``s about squidpy's own docstrings, and
+    importing scvi-tools in Jupyter without ipywidgets makes tqdm warn "IProgress not found";
     only those (by category and emitting module) are ignored. Called on ``import rankbygene``,
-    so a notebook that imports it before squidpy shows none of them.
+    so a notebook that imports it first shows none of them.
 
     Examples
     --------

@@ -27,11 +27,11 @@
 import os
 from pathlib import Path
 
+import rankbygene as rbg  # first: no import-time notices of other libraries
 import anndata as ad
 import pandas as pd
 import scanpy as sc
 import scvi
-import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
 
 scvi.settings.seed = 0

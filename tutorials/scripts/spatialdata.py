@@ -30,9 +30,9 @@
 from importlib.util import find_spec
 
 import numpy as np
+import rankbygene as rbg  # first: no import-time notices of other libraries
 import scanpy as sc
 import scvi
-import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
 
 scvi.settings.seed = 0
@@ -166,11 +166,15 @@ if find_spec("spatialdata_plot"):
 # is replaced).
 
 # %%
+import warnings
+
 import spatialdata as sd
 
 store = "synthetic_hd.zarr"
 del sdata.tables["square_016um"].layers["rankbygene_predicted"]  # the store starts clean
-sdata.write(store, overwrite=True)
+with warnings.catch_warnings():  # zarr announces its next release's default on every write
+    warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+    sdata.write(store, overwrite=True)
 on_disk = sd.read_zarr(store)
 rbg.io.to_spatialdata(
     coarse, on_disk, table_key="square_016um", key_added="square_016um_rankbygene", write=True

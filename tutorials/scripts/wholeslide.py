@@ -26,9 +26,9 @@
 # (`pip install "rankbygene[openslide]"`), and plain images with `mpp=` given.
 
 # %%
+import rankbygene as rbg  # first: no import-time notices of other libraries
 import scanpy as sc
 import scvi
-import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
 
 scvi.settings.seed = 0
