@@ -53,3 +53,14 @@ html_theme_options = {
     "navigation_with_keys": False,
 }
 html_static_path: list[str] = []
+
+
+def _skip_hidden_scvi_methods(app, what, name, obj, skip, options):
+    """scvi-tools methods that RankByGene hides (they cannot work for it) stay out of the API."""
+    from rankbygene.model._unsupported import Unsupported
+
+    return True if isinstance(obj, Unsupported) else None
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_hidden_scvi_methods)

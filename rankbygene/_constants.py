@@ -11,8 +11,10 @@ PREDICTED_LAYER_KEY = "rankbygene_predicted"
 UNS_KEY = "rankbygene"
 #: ``layers`` key of the log-normalised expression of ``pp.normalize``.
 LOGNORM_LAYER_KEY = "lognorm"
-#: Appended to the layer's name by ``pp.smooth_expression`` (``"lognorm_smoothed"``).
+#: Appended to the layer's name by ``pp.smooth_expression`` (``"lognorm_smoothed"``); the layer
+#: of smoothed ``X`` is ``"smoothed"`` (no ``X_`` prefix: scanpy keeps that for ``obsm``).
 SMOOTHED_LAYER_SUFFIX = "_smoothed"
+SMOOTHED_LAYER_KEY = "smoothed"
 #: ``var`` column of ``pp.select_genes``: whether a gene is in the panel.
 PANEL_KEY = "rankbygene_panel"
 #: ``obs`` column of ``tl.rank_consistency``.
@@ -79,6 +81,10 @@ METADATA_SPATIALDATA_IMAGE = "spatialdata_image"
 METADATA_TILE_SIZE_UM = "tile_size_um"
 METADATA_TILE_SIZE_PX = "tile_size_px"
 METADATA_STRIDE_PX = "stride_px"
+#: Tiles of a LazySlide/wsidata tile table: the downsample of the pyramid level its tile spec
+#: reads them from, so that the package reads the same pixels (not the coarsest level that
+#: suffices for the encoder's input).
+METADATA_READ_DOWNSAMPLE = "read_downsample"
 METADATA_TISSUE_THRESHOLD = "tissue_threshold"
 METADATA_SATURATION_THRESHOLD = "saturation_threshold"
 
@@ -150,6 +156,11 @@ MAX_SPOT_UPSAMPLING = 4.0
 
 # Logging.
 LOGGER_NAME = "rankbygene"
+#: scvi-tools' logger: its INFO lines (e.g. "Generating sequential column names" at each setup,
+#: "File model.pt already downloaded" at each load) show only at the package's verbosity.
+SCVI_LOGGER_NAME = "scvi"
+#: Seconds of work before a progress bar shows: shorter work shows none.
+PROGRESS_DELAY_S = 2.0
 #: Lightning's advertisement lines start with this; its loggers that emit them.
 LIGHTNING_TIP_PREFIX = "💡 Tip"
 LIGHTNING_RANK_ZERO_LOGGERS = (
@@ -160,8 +171,10 @@ LIGHTNING_RANK_ZERO_LOGGERS = (
 #: exception) when training raises, interruptions included; the exception itself propagates.
 SCVI_TRAINING_EXCEPTION_PRINT = "Exception raised during training."
 #: (category, emitting module) of third-party warnings raised on import that say nothing about
-#: the user's code: docrep's complaints about squidpy's docstrings.
-QUIET_IMPORT_WARNINGS = ((SyntaxWarning, r"docrep(\.|$)"),)
+#: the user's code: docrep's complaints about squidpy's docstrings, and tqdm's "IProgress not
+#: found" when scvi-tools imports ``tqdm.auto`` in Jupyter without ipywidgets (the package's
+#: own bars do without ipywidgets; tqdm raises no other warning on import).
+QUIET_IMPORT_WARNINGS = ((SyntaxWarning, r"docrep(\.|$)"), (Warning, r"tqdm\.auto"))
 #: (category, emitting module) of third-party warnings the command line and ``train()`` drop:
 #: Lightning 2.6 calling an API that PyTorch deprecated.
 QUIET_RUN_WARNINGS = ((FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),)

@@ -116,9 +116,9 @@ def _run_demo(
 
         sections = ["C2", "C3", "C4"]
         slides = [rbg.datasets.her2st(s, path=her2st) for s in sections]
-        adata = ad.concat(slides, uns_merge="unique", join="inner")
+        adata = ad.concat(slides, uns_merge="unique", join="inner", keys=sections, index_unique="-")
         adata.obs["library_id"] = adata.obs["library_id"].astype("category")
-        rbg.pp.select_genes(adata, n_top=100, flavor="heg")
+        rbg.pp.select_genes(adata, n_top=100, flavor="heg", subset=True)
         source = f"her2st {sections} from {her2st}"
     libraries = list(adata.obs["library_id"].cat.categories)
     held_out = libraries[-1]

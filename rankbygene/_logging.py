@@ -20,6 +20,7 @@ from rankbygene._constants import (
     LIGHTNING_TIP_PREFIX,
     LOGGER_NAME,
     QUIET_IMPORT_WARNINGS,
+    SCVI_LOGGER_NAME,
     SCVI_TRAINING_EXCEPTION_PRINT,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "logger",
     "parse_verbosity",
     "quiet_lightning_tips",
+    "quiet_scvi_info",
     "quiet_scvi_training_exception",
     "quiet_third_party_imports",
     "set_verbosity",
@@ -223,9 +225,10 @@ def quiet_lightning_tips() -> None:
 def ignore_import_warnings() -> None:
     """Drop, for the whole session, third-party warnings that say nothing about the user's code.
 
-    Importing squidpy makes docrep report ``SyntaxWarning``s about squidpy's own docstrings;
+    Importing squidpy makes docrep report ``SyntaxWarning``s about squidpy's own docstrings, and
+    importing scvi-tools in Jupyter without ipywidgets makes tqdm warn "IProgress not found";
     only those (by category and emitting module) are ignored. Called on ``import rankbygene``,
-    so a notebook that imports it before squidpy shows none of them.
+    so a notebook that imports it first shows none of them.
 
     Examples
     --------
@@ -254,6 +257,31 @@ def quiet_third_party_imports() -> Iterator[None]:
         for category, module in QUIET_IMPORT_WARNINGS:
             warnings.filterwarnings("ignore", category=category, module=module)
         yield
+
+
+@contextmanager
+def quiet_scvi_info() -> Iterator[None]:
+    """Show scvi-tools' log records only at the package's verbosity, inside the block.
+
+    scvi-tools logs INFO lines with its own handler ("Generating sequential column names" at
+    each ``setup_anndata``, "File model.pt already downloaded" at each ``load``): bookkeeping
+    that says nothing to a user of this package. Inside the block the ``scvi`` logger's level is
+    raised to the ``rankbygene`` logger's (``WARNING`` by default), so they show with
+    ``rbg.settings.verbosity = "info"`` and not otherwise; the level is restored after.
+
+    Examples
+    --------
+    >>> from rankbygene._logging import quiet_scvi_info
+    >>> with quiet_scvi_info():
+    ...     pass
+    """
+    scvi_logger = logging.getLogger(SCVI_LOGGER_NAME)
+    previous = scvi_logger.level
+    scvi_logger.setLevel(max(previous, get_verbosity()))
+    try:
+        yield
+    finally:
+        scvi_logger.setLevel(previous)
 
 
 @contextmanager

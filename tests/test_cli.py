@@ -10,6 +10,7 @@ import sys
 import anndata as ad
 import numpy as np
 import pytest
+from conftest import HER2ST, requires_her2st
 
 import rankbygene
 from rankbygene.__main__ import main
@@ -163,3 +164,47 @@ def test_demo_output_is_quiet(tmp_path):
     assert result.stdout.splitlines()[-1] == (
         f"wrote adata.h5ad, loss.png, patches.png, slide.png, summary.json to {out}/"
     )
+
+
+def test_demo_stdout_holds_only_results(tmp_path):
+    """`rankbygene demo > out.txt` captures the results; progress bars go to stderr, once."""
+    out = tmp_path / "demo"
+    tiny = [arg for arg in TINY if arg != "--no-progress"]
+    result = subprocess.run(
+        [sys.executable, "-m", "rankbygene", "demo", "--out", str(out), *tiny],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    prefixes = ("data: ", "encoder: ", "held-out ", "wrote ")
+    lines = result.stdout.splitlines()
+    assert [line.split(" ", 1)[0] + " " for line in lines] == list(prefixes), lines
+    assert "%|" not in result.stdout
+    # stderr is no terminal here: a bar shows at most once, as its final line
+    assert result.stderr.count("Epoch ") <= 1, result.stderr
+
+
+@requires_her2st
+@pytest.mark.slow
+def test_her2st_demo_prints_no_warning(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rankbygene",
+            "demo",
+            "--her2st",
+            str(HER2ST),
+            "--out",
+            str(tmp_path / "demo"),
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stdout + result.stderr, result.stderr

@@ -304,8 +304,15 @@ def test_bad_input_errors_leave_adata_unchanged(breaks, kwargs, error, match):
     assert_unchanged(adata, before)
 
 
-def test_multiple_libraries_need_library_key(tmp_path):
+def test_multiple_libraries_find_their_column_or_need_library_key(tmp_path):
     adata, _ = multi_library(tmp_path, on_disk=False)
+    found = PatchExtractor(adata, patch_size=10)
+    given = PatchExtractor(adata, library_key="library_id", patch_size=10)
+    np.testing.assert_array_equal(found[7], given[7])
+    assert found.libraries == given.libraries
+    adata.obs = adata.obs.rename(columns={"library_id": "batch"}).assign(
+        batch=lambda obs: obs["batch"].str.upper()  # no longer the library ids
+    )
     with pytest.raises(ValueError, match="pass library_key"):
         PatchExtractor(adata)
 

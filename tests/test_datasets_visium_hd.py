@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("spatialdata", reason="spatialdata is not installed: Visium HD untested")
 
 import spatialdata as sd  # after the skip
+from spatialdata.models import TableModel
 from spatialdata.transformations import Affine, get_transformation, set_transformation
 
 import rankbygene as rbg
@@ -34,7 +35,8 @@ def bins(sdata):
     return from_spatialdata(sdata, table_key="square_008um", hires_size=300)
 
 
-def _library(size: int) -> str:
+def _shapes(size: int) -> str:
+    """The shapes element of one bin size, as spatialdata-io names it."""
     return f"{DATASET}_square_{size:03d}um"
 
 
@@ -51,13 +53,13 @@ def _cell(table, size):
 
 def test_elements_named_as_spatialdata_io(sdata):
     assert set(sdata.images) == {f"{DATASET}_{k}_image" for k in ("full", "hires", "lowres")}
-    assert set(sdata.shapes) == {_library(s) for s in SIZES}
+    assert set(sdata.shapes) == {_shapes(s) for s in SIZES}
     assert set(sdata.tables) == {"square_008um", "square_016um"}
     for size in SIZES:
         table = sdata.tables[f"square_{size:03d}um"]
         attrs = table.uns["spatialdata_attrs"]
         assert (attrs["region"], attrs["region_key"], attrs["instance_key"]) == (
-            _library(size),
+            _shapes(size),
             "region",
             "location_id",
         )
@@ -68,7 +70,7 @@ def test_elements_named_as_spatialdata_io(sdata):
         assert table.X.dtype == np.float32
         np.testing.assert_array_equal(table.X.data, np.round(table.X.data))
         assert table.uns["synthetic"]["bin_size_um"] == size
-        shapes = sdata.shapes[_library(size)]
+        shapes = sdata.shapes[_shapes(size)]
         assert shapes.index.tolist() == table.obs["location_id"].tolist()
         # squares of the bin side, centred on obsm["spatial"], in full-resolution pixels
         side = np.sqrt(shapes.geometry.area.to_numpy())
@@ -150,10 +152,40 @@ def test_deterministic_and_seed_dependent():
     again = synthetic_visium_hd(size_um=160, bin_sizes_um=16, n_genes=12, seed=3, as_anndata=True)
     other = synthetic_visium_hd(size_um=160, bin_sizes_um=16, n_genes=12, seed=4, as_anndata=True)
     assert (first.X != again.X).nnz == 0
-    library = _library(16).replace(DATASET, "synthetic_hd")
+    library = "synthetic_hd"
     image = first.uns["spatial"][library]["images"]["hires"]
     np.testing.assert_array_equal(image, again.uns["spatial"][library]["images"]["hires"])
     assert first.shape != other.shape or (first.X != other.X).nnz > 0
+
+
+def test_one_section_has_one_library_id_at_every_bin_size(sdata, bins):
+    coarse = from_spatialdata(sdata, table_key="square_016um", hires_size=100)
+    for adata, size in ((bins, 8), (coarse, 16)):
+        assert list(adata.uns["spatial"]) == [DATASET]  # the section, not the element
+        assert adata.obs["library_id"].cat.categories.tolist() == [DATASET]
+        assert adata.uns["spatial"][DATASET]["metadata"]["spatialdata_shapes"] == _shapes(size)
+        assert set(adata.obs["region"]) == {_shapes(size)}  # the table's own rows, unchanged
+    # both bin sizes in one call: the elements keep their names, so the libraries differ
+    both = sd.SpatialData(
+        images={f"{DATASET}_full_image": sdata.images[f"{DATASET}_full_image"]},
+        shapes={_shapes(s): sdata.shapes[_shapes(s)] for s in SIZES},
+        tables={"both": _both_tables(sdata)},
+    )
+    read = from_spatialdata(
+        both, table_key="both", hires_size=100, bin_size_um={_shapes(s): s for s in SIZES}
+    )
+    assert sorted(read.uns["spatial"]) == sorted(_shapes(s) for s in SIZES)
+
+
+def _both_tables(sdata):
+    tables = [sdata.tables[f"square_{s:03d}um"].copy() for s in SIZES]
+    for table in tables:
+        del table.uns["spatialdata_attrs"]
+    both = ad.concat(tables, index_unique="-")
+    both.obs["region"] = pd.Categorical(both.obs["region"].astype(str))
+    return TableModel.parse(
+        both, region=[_shapes(s) for s in SIZES], region_key="region", instance_key="location_id"
+    )
 
 
 def test_as_anndata_is_what_from_spatialdata_reads(sdata, bins):
@@ -165,7 +197,7 @@ def test_as_anndata_is_what_from_spatialdata_reads(sdata, bins):
         dataset_id=DATASET,
         as_anndata=True,
     )
-    library = _library(8)
+    library = DATASET
     assert direct.obs["library_id"].unique().tolist() == [library]
     assert (direct.X != bins.X).nnz == 0
     np.testing.assert_allclose(direct.obsm["spatial"], bins.obsm["spatial"])
@@ -200,7 +232,7 @@ def test_invalid_arguments(kwargs, match):
 def test_from_spatialdata_reads_squares_and_records_the_bin_size(sdata, bins):
     table = sdata.tables["square_008um"]
     np.testing.assert_allclose(bins.obsm["spatial"], table.obsm["spatial"])
-    entry = bins.uns["spatial"][_library(8)]
+    entry = bins.uns["spatial"][DATASET]
     assert entry["scalefactors"]["spot_diameter_fullres"] == pytest.approx(8 / MPP)
     assert entry["scalefactors"]["bin_size_um"] == 8.0
     assert entry["scalefactors"]["microns_per_pixel"] == pytest.approx(MPP)
@@ -216,15 +248,15 @@ def test_from_spatialdata_reads_circles_and_rotated_squares(sdata):
         dataset_id=DATASET,
         bins_as_squares=False,
     )
-    assert set(circles.shapes[_library(8)].geometry.geom_type) == {"Point"}
+    assert set(circles.shapes[_shapes(8)].geometry.geom_type) == {"Point"}
     read = from_spatialdata(circles, table_key="square_008um", hires_size=100)
     squares = from_spatialdata(sdata, table_key="square_008um", hires_size=100)
     np.testing.assert_allclose(read.obsm["spatial"], squares.obsm["spatial"])
-    entry = read.uns["spatial"][_library(8)]["scalefactors"]
+    entry = read.uns["spatial"][DATASET]["scalefactors"]
     assert (entry["spot_diameter_fullres"], entry["bin_size_um"]) == (8 / MPP, 8.0)
 
     # squares stored rotated by 30 degrees, the rotation undone by their transformation
-    shapes = sdata.shapes[_library(16)]
+    shapes = sdata.shapes[_shapes(16)]
     theta = np.pi / 6
     rotation = np.array(
         [[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]]
@@ -242,12 +274,12 @@ def test_from_spatialdata_reads_circles_and_rotated_squares(sdata):
     )
     tilted = sd.SpatialData(
         images={f"{DATASET}_full_image": sdata.images[f"{DATASET}_full_image"]},
-        shapes={_library(16): rotated},
+        shapes={_shapes(16): rotated},
         tables={"square_016um": sdata.tables["square_016um"]},
     )
     read = from_spatialdata(tilted, table_key="square_016um", hires_size=100)
     np.testing.assert_allclose(read.obsm["spatial"], sdata.tables["square_016um"].obsm["spatial"])
-    scalefactors = read.uns["spatial"][_library(16)]["scalefactors"]
+    scalefactors = read.uns["spatial"][DATASET]["scalefactors"]
     assert scalefactors["spot_diameter_fullres"] == pytest.approx(16 / MPP)
     assert scalefactors["microns_per_pixel"] == pytest.approx(MPP)
 
@@ -258,7 +290,7 @@ def test_bin_size_given_or_left_unknown(sdata):
     table.uns["spatialdata_attrs"]["region"] = "bins"
     renamed = sd.SpatialData(
         images={f"{DATASET}_full_image": sdata.images[f"{DATASET}_full_image"]},
-        shapes={"bins": sdata.shapes[_library(16)]},
+        shapes={"bins": sdata.shapes[_shapes(16)]},
         tables={"table": table},
     )
     unknown = from_spatialdata(renamed, hires_size=100).uns["spatial"]["bins"]["scalefactors"]
@@ -291,7 +323,7 @@ def test_aggregation_sums_counts_exactly(sdata, bins):
 
 def test_pseudo_spot_centres_diameters_and_labels(bins):
     spots = aggregate_bins(bins, size_um=32, min_bins=4)
-    library = _library(8)
+    library = DATASET
     scalefactors = spots.uns["spatial"][library]["scalefactors"]
     assert scalefactors["spot_diameter_fullres"] == pytest.approx(32 / MPP)
     assert scalefactors["bin_size_um"] == 32.0
@@ -330,7 +362,7 @@ def test_grid_from_coordinates_and_several_libraries(bins):
     other.obs["library_id"] = pd.Categorical(["copy"] * other.n_obs)
     other.obs_names = [f"copy_{name}" for name in other.obs_names]
     both = ad.concat([bins, other], uns_merge="first")
-    both.uns["spatial"]["copy"] = bins.uns["spatial"][_library(8)]
+    both.uns["spatial"]["copy"] = bins.uns["spatial"][DATASET]
     both.obs["library_id"] = both.obs["library_id"].astype("category")
     spots = aggregate_bins(both, size_um=32, library_key="library_id")
     one = aggregate_bins(bins, size_um=32)
@@ -355,7 +387,7 @@ def test_aggregation_errors(bins):
     with pytest.raises(ValueError, match="min_bins"):
         aggregate_bins(bins, size_um=32, min_bins=0)
     bare = bins.copy()
-    del bare.uns["spatial"][_library(8)]["scalefactors"]["bin_size_um"]
+    del bare.uns["spatial"][DATASET]["scalefactors"]["bin_size_um"]
     with pytest.raises(KeyError, match="pass bin_size_um"):
         aggregate_bins(bare, size_um=32)
     given = aggregate_bins(bare, size_um=32, bin_size_um=8)
@@ -369,7 +401,7 @@ def test_bin_size_that_disagrees_with_the_bins_is_refused(bins):
     assert aggregate_bins(bins, size_um=32, bin_size_um=8).obs["n_bins"].max() == 16
     # not recorded: the bins' spacing at the recorded resolution says 8 um
     bare = bins.copy()
-    del bare.uns["spatial"][_library(8)]["scalefactors"]["bin_size_um"]
+    del bare.uns["spatial"][next(iter(bare.uns["spatial"]))]["scalefactors"]["bin_size_um"]
     with pytest.raises(ValueError, match=rf"lie {8 / MPP:g} px apart, 8 um .*not 16 um"):
         aggregate_bins(bare, size_um=32, bin_size_um=16)
     # with every other bin missing (their grid positions tell), and without grid positions
@@ -381,7 +413,7 @@ def test_bin_size_that_disagrees_with_the_bins_is_refused(bins):
         aggregate_bins(bare, size_um=32, bin_size_um=16)
     # a recorded size that the spacing contradicts is refused too
     wrong = bins.copy()
-    wrong.uns["spatial"][_library(8)]["scalefactors"]["bin_size_um"] = 16.0
+    wrong.uns["spatial"][next(iter(wrong.uns["spatial"]))]["scalefactors"]["bin_size_um"] = 16.0
     with pytest.raises(ValueError, match=r"8 um at the recorded .*not 16 um \(scalefactors"):
         aggregate_bins(wrong, size_um=32)
 
@@ -390,7 +422,7 @@ def test_smoothing_on_square_bins(bins):
     """A bin's smoothed value is the mean over its 3 x 3 block of bins (those in the tissue)."""
     adata = bins.copy()
     rbg.pp.smooth_expression(adata)
-    x, smoothed = adata.X.toarray(), adata.layers["X_smoothed"].toarray()
+    x, smoothed = adata.X.toarray(), adata.layers["smoothed"].toarray()
     cells = _cell(adata, 8)
     for (r, c), i in list(cells.items())[::7]:
         block = [
@@ -402,7 +434,7 @@ def test_smoothing_on_square_bins(bins):
         np.testing.assert_allclose(smoothed[i], x[block].mean(axis=0), rtol=1e-5, atol=1e-5)
     spots = aggregate_bins(bins, size_um=32, min_bins=8)
     rbg.pp.smooth_expression(spots, library_key="library_id")  # pseudo-spots: a square grid too
-    assert spots.layers["X_smoothed"].shape == spots.shape
+    assert spots.layers["smoothed"].shape == spots.shape
 
 
 # ---------------------------------------------------------------------------- the model

@@ -41,6 +41,9 @@ def test_docs_build_without_warnings(tmp_path):
     api = (html / "generated" / "rankbygene.RankByGene.html").read_text()
     assert "setup_anndata" in api
     assert "get_image_representation" in api
+    assert "get_latent_representation" in api
+    for hidden in ("differential_abundance", "get_normalized_expression"):
+        assert hidden not in api, hidden  # scvi-tools methods that cannot work here
 
 
 #: Where the package writes a key: a subscription assigned to (``adata.obs[KEY] = ...``), a dict

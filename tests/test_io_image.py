@@ -788,3 +788,18 @@ def test_tiff_reader_inherited_by_a_forked_process(tiled: Path, image: np.ndarra
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     np.testing.assert_array_equal(reader.read_region(100, 100, 140, 100), image[100:, 100:])
+
+
+def test_pyramidal_tiff_opens_in_openslide_with_every_level(tmp_path):
+    openslide = pytest.importorskip("openslide")
+    image = np.random.default_rng(0).integers(0, 256, (1100, 1300, 3), dtype=np.uint8)
+    path = write_pyramidal_tiff(tmp_path / "slide.tif", image, mpp=0.25, tile=128)
+    ours = open_image(path)
+    slide = openslide.OpenSlide(str(path))
+    assert slide.level_count == len(ours.level_downsamples) == 3
+    np.testing.assert_allclose(slide.level_downsamples, ours.level_downsamples, rtol=1e-3)
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+    for level, down in enumerate(ours.level_downsamples):
+        region = np.asarray(slide.read_region((200, 100), level, (64, 48)))[..., :3]
+        x, y, w, h = 200, 100, 64 * down, 48 * down
+        np.testing.assert_array_equal(region, ours.read_region(x, y, w, h, downsample=down))

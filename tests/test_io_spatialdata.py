@@ -226,14 +226,48 @@ def test_disk_backed_object(adata, tmp_path):
     np.testing.assert_array_equal(
         open_image(fullres).read_region(100, 120, 50, 40), original[120:160, 100:150]
     )
+
+
+def test_results_join_a_zarr_store_as_a_new_table(adata, tmp_path):
+    path = tmp_path / "slides.zarr"
+    _to_sdata(adata).write(path)
+    sdata = sd.read_zarr(path)
+    out = from_spatialdata(sdata)
+    out.layers["rankbygene_predicted"] = np.random.default_rng(0).random(out.shape)
     out.obsm["X_rankbygene"] = np.arange(out.n_obs * 3, dtype=np.float32).reshape(-1, 3)
-    to_spatialdata(out, sdata)
-    sdata.delete_element_from_disk("table")
-    sdata.write_element("table")
-    again = sd.read_zarr(tmp_path / "slides.zarr")
-    np.testing.assert_array_equal(
-        again.tables["table"].obsm["X_rankbygene"], out.obsm["X_rankbygene"]
+    # the table itself cannot be rewritten in its own store: refused before any change
+    with pytest.raises(ValueError, match="pass key_added"):
+        to_spatialdata(out, sdata, write=True)
+    assert "X_rankbygene" not in sdata.tables["table"].obsm
+    with pytest.raises(ValueError, match="key_added must name a new table"):
+        to_spatialdata(out, sdata, key_added="table", write=True)
+    with pytest.raises(ValueError, match="'my results' cannot name a SpatialData element"):
+        to_spatialdata(out, sdata, key_added="my results", write=True)
+    to_spatialdata(out, sdata, key_added="rankbygene", write=True)
+    assert "X_rankbygene" not in sdata.tables["table"].obsm  # the table is unchanged
+    again = sd.read_zarr(path)
+    saved = again.tables["rankbygene"]
+    np.testing.assert_allclose(
+        saved.layers["rankbygene_predicted"], out.layers["rankbygene_predicted"]
     )
+    np.testing.assert_array_equal(saved.obsm["X_rankbygene"], out.obsm["X_rankbygene"])
+    attrs = saved.uns["spatialdata_attrs"]
+    assert (attrs["region_key"], attrs["instance_key"]) == ("region", "spot_id")
+    np.testing.assert_array_equal(saved.obs["spot_id"], sdata.tables["table"].obs["spot_id"])
+    gene = str(out.var_names[0])
+    values = sd.get_values(gene, sdata=again, element_name="slide_0", table_name="rankbygene")
+    assert len(values) == 30
+    # a second run replaces the table it wrote
+    out.obsm["X_rankbygene"] += 1
+    to_spatialdata(out, sd.read_zarr(path), key_added="rankbygene", write=True)
+    np.testing.assert_array_equal(
+        sd.read_zarr(path).tables["rankbygene"].obsm["X_rankbygene"], out.obsm["X_rankbygene"]
+    )
+    with pytest.raises(ValueError, match=r"sdata\.write"):
+        to_spatialdata(out, write=True)
+    in_memory = _to_sdata(adata)
+    with pytest.raises(ValueError, match=r"sdata\.path is None"):
+        to_spatialdata(out, in_memory, key_added="rankbygene", write=True)
 
 
 def test_write_back_matches_rows_and_fills_missing(adata, sdata):
@@ -315,6 +349,28 @@ def test_library_ids_are_checked_before_spatialdata_sees_them(adata, name, match
         to_spatialdata(_renamed(adata, "slide_0", name))
     with pytest.raises(ValueError, match=r"table_key 'my table' cannot name"):
         to_spatialdata(adata, table_key="my table")
+
+
+def test_new_spatialdata_images_are_multiscale_and_chunked(adata, tmp_path):
+    import warnings
+
+    big = adata[adata.obs["library_id"] == "slide_0"].copy()
+    entry = big.uns["spatial"]["slide_0"]
+    image = np.tile(entry["images"]["hires"], (4, 3, 1))  # 2936 x 2250 px
+    big.uns["spatial"] = {"slide_0": {**entry, "images": {"hires": image}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning of spatialdata's about the image
+        sdata = to_spatialdata(big)
+    element = sdata.images["slide_0_full_image"]
+    levels = sd.get_pyramid_levels(element)
+    assert [level.shape[1:] for level in levels] == [(2936, 2250), (1468, 1125), (734, 562)]
+    assert max(max(c) for c in levels[0].data.chunks[1:]) == 1024
+    sdata.write(tmp_path / "new.zarr")
+    back = from_spatialdata(sd.read_zarr(tmp_path / "new.zarr"))
+    np.testing.assert_array_equal(
+        open_image(back.uns["spatial"]["slide_0"]["images"]["fullres"]).read_region(0, 0, 64, 64),
+        image[:64, :64],
+    )
 
 
 def test_new_spatialdata_scales_a_downscaled_image(adata):

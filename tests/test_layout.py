@@ -64,8 +64,12 @@ def test_spot_libraries():
     with pytest.raises(KeyError, match="library_key 'batch'"):
         spot_libraries(adata, "batch")
     adata.uns["spatial"]["b"] = adata.uns["spatial"]["a"]
-    with pytest.raises(ValueError, match="2 libraries"):
+    # several libraries: found through the column whose values are their ids
+    np.testing.assert_array_equal(spot_libraries(adata), ["a"] * 4)
+    named = adata.obs.pop("library_id")
+    with pytest.raises(ValueError, match=r"2 libraries.*no obs column"):
         spot_libraries(adata)
+    adata.obs["library_id"] = named
     adata.obs["library_id"] = pd.Categorical(["a", None, "b", "a"])
     with pytest.raises(ValueError, match="1 missing"):
         spot_libraries(adata, "library_id")

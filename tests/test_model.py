@@ -559,7 +559,7 @@ def test_real_sections_train_end_to_end():
 
     sections = [rbg.datasets.her2st(s, path=HER2ST) for s in ("C2", "C3")]
     adata = ad.concat(sections, join="inner", uns_merge="unique")
-    rbg.pp.select_genes(adata, n_top=50, flavor="heg")
+    rbg.pp.select_genes(adata, n_top=50, flavor="heg", subset=True)
     rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
     scvi.settings.seed = 0
     model = rbg.RankByGene(adata, image_encoder="resnet18", input_size=32, n_latent=16)
@@ -660,3 +660,33 @@ def test_setup_warns_about_repeated_spot_names(small):
     adata.obs_names = ["spot"] * 10 + list(adata.obs_names[10:])
     with pytest.warns(UserWarning, match=r"obs_names repeat.*obs_names_make_unique"):
         rbg.RankByGene.setup_anndata(adata, layer="counts", library_key="library_id")
+
+
+def test_latent_representation_is_the_image_representation(tiny_model):
+    adata = tiny_model.adata
+    latent = tiny_model.get_latent_representation(batch_size=8, num_workers=0)
+    image = tiny_model.get_image_representation(batch_size=8, num_workers=0)
+    assert latent.shape == (adata.n_obs, 8)
+    np.testing.assert_array_equal(latent, image)
+    subset = tiny_model.get_latent_representation(adata, indices=[0, 3], num_workers=0)
+    np.testing.assert_allclose(subset, image[[0, 3]], atol=1e-6)  # other batch: float noise
+    assert "image representation" in type(tiny_model).get_latent_representation.__doc__
+
+
+@pytest.mark.parametrize(
+    ("name", "use"),
+    [
+        ("get_normalized_expression", "predict_expression"),
+        ("differential_abundance", "X_rankbygene"),
+        ("get_normalized_function_name", "predict_expression"),
+    ],
+)
+def test_scvi_methods_that_cannot_work_are_hidden(tiny_model, name, use):
+    assert not hasattr(tiny_model, name)
+    assert not hasattr(rbg.RankByGene, name)
+    assert name not in dir(tiny_model)
+    with pytest.raises(AttributeError, match=f"RankByGene has no {name}.*{use}"):
+        getattr(tiny_model, name)()
+    # the scvi-tools methods that work stay
+    for kept in ("get_latent_representation", "view_anndata_setup", "save", "train"):
+        assert kept in dir(tiny_model)

@@ -40,34 +40,67 @@ def test_ridge_prediction_lands_in_layer_and_is_accurate(trained, trained_synthe
     assert mean_r > trained_synthetic.untrained_pearson + MIN_GAIN_OVER_UNTRAINED
 
 
-def test_image_only_query_gets_new_anndata(trained):
+def test_image_only_query_takes_copy_and_gets_the_models_genes(trained):
     model, train, test = trained
     image_only = test[:, :0].copy()  # no genes, no counts: a slide without ST
+    with pytest.raises(ValueError, match=r"no genes.*pass copy=True"):
+        model.predict_expression(image_only, method="knn", k=10)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # the documented use: no warning
-        out = model.predict_expression(image_only, method="knn", k=10)
+        warnings.simplefilter("error")  # the documented use: no warning
+        out = model.predict_expression(image_only, method="knn", k=10, copy=True)
     assert out is not None
+    assert out is not image_only
     assert list(out.var_names) == list(train.var_names)
     assert out.layers["rankbygene_predicted"].shape == (test.n_obs, train.n_vars)
+    np.testing.assert_array_equal(out.X, out.layers["rankbygene_predicted"])
     np.testing.assert_array_equal(out.obsm["spatial"], test.obsm["spatial"])
     assert "rankbygene_predicted" not in image_only.layers
+    assert "rankbygene" not in image_only.uns
     assert out.uns["rankbygene"]["predicted"]["method"] == "knn"
 
 
-def test_query_with_a_gene_subset_warns(trained):
+def test_query_with_other_genes_fails_before_work_unless_copy(trained, monkeypatch):
     model, train, test = trained
     subset = test[:, test.var_names[:-3]].copy()  # 3 of the model's genes missing
-    with pytest.warns(UserWarning, match=r"3 of the model's \d+ genes are missing") as caught:
-        out = model.predict_expression(subset, method="knn", k=10)
-    assert caught[0].filename == __file__  # points at the call, not the package
-    message = str(caught[0].message)
-    assert f"new AnnData with the model's {train.n_vars} genes" in message
-    assert list(out.var_names) == list(train.var_names)
-    assert "rankbygene_predicted" not in subset.layers
+    calls = []
+    monkeypatch.setattr(type(model), "get_image_representation", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match=r"3 of the model's \d+ genes are missing.*copy=True"):
+        model.predict_expression(subset, method="knn", k=10)
     renamed = test.copy()
     renamed.var_names = [*renamed.var_names[:-1], "not_a_model_gene"]
-    with pytest.warns(UserWarning, match=r"1 of the model's.*1 of its \d+ genes are not"):
-        model.predict_expression(renamed, method="knn", k=10)
+    with pytest.raises(ValueError, match=r"1 of the model's.*1 of its \d+ genes are not"):
+        model.predict_expression(renamed)
+    assert not calls  # nothing was embedded
+    assert "rankbygene_predicted" not in subset.layers
+    assert "rankbygene" not in subset.uns
+    monkeypatch.undo()
+    out = model.predict_expression(subset, method="knn", k=10, copy=True)
+    assert list(out.var_names) == list(train.var_names)
+    assert "rankbygene_predicted" not in subset.layers
+
+
+def test_copy_returns_a_copy_with_the_layer_and_leaves_adata_alone(trained):
+    model, _, test = trained
+    query = test.copy()
+    out = model.predict_expression(query, method="knn", k=10, copy=True)
+    assert "rankbygene_predicted" not in query.layers
+    assert "rankbygene" not in query.uns
+    assert list(out.var_names) == list(query.var_names)
+    np.testing.assert_array_equal(out.layers["counts"].toarray(), query.layers["counts"].toarray())
+    assert model.predict_expression(query, method="knn", k=10, key_added="pred") is None
+    np.testing.assert_allclose(query.layers["pred"], out.layers["rankbygene_predicted"])
+    assert query.uns["rankbygene"]["predicted"]["layer"] == "pred"
+
+
+def test_layer_added_is_deprecated_for_key_added(trained):
+    model, _, test = trained
+    query = test.copy()
+    with pytest.warns(FutureWarning, match="layer_added.*key_added") as caught:
+        model.predict_expression(query, method="knn", k=10, layer_added="old_name")
+    assert caught[0].filename == __file__
+    assert "old_name" in query.layers
+    with pytest.raises(ValueError, match="disagree"):
+        model.predict_expression(query, key_added="a", layer_added="b")
 
 
 def test_genes_in_another_order_are_aligned(trained):

@@ -104,7 +104,12 @@ def test_tl_patch_statistics_writes_obsm_and_column_names(slide):
     assert adata.obsm["X_patch_statistics"].shape == (adata.n_obs, N_STATISTICS)
     assert adata.uns["X_patch_statistics"]["columns"] == list(rbg.tl.PATCH_STATISTICS)
     assert np.isfinite(adata.obsm["X_patch_statistics"]).all()
-    copied = rbg.tl.patch_statistics(adata, library_key="library_id", patch_size=32, copy=True)
+    fresh = slide.copy()
+    copied = rbg.tl.patch_statistics(fresh, patch_size=32, copy=True, key_added="stats")
+    assert "stats" not in fresh.obsm
+    assert "stats" not in fresh.uns
+    assert copied.uns["stats"]["columns"] == list(rbg.tl.PATCH_STATISTICS)
+    copied = copied.obsm["stats"]
     np.testing.assert_allclose(copied, adata.obsm["X_patch_statistics"])
     # the synthetic tissue varies: nuclear density differs between spots
     assert _column(copied, "nuclear_fraction").std() > 0.01
@@ -120,7 +125,7 @@ def test_model_backbone_features_carry_the_spot_statistics(slide, tmp_path):
     features = model.get_image_representation(kind="backbone", progress=False)
     expected = rbg.tl.patch_statistics(
         adata, library_key="library_id", patch_size=32, patch_scale=model.patch_scale, copy=True
-    )
+    ).obsm["X_patch_statistics"]
     np.testing.assert_allclose(features[:, -N_STATISTICS:], expected, atol=2e-3)
     model.save(tmp_path / "model")
     loaded = rbg.RankByGene.load(tmp_path / "model", adata=adata)

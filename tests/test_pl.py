@@ -73,7 +73,7 @@ def test_expression_maps_observed_and_predicted_per_gene(predicted):
 
 def test_expression_maps_without_counts_draws_predictions_only(trained_synthetic):
     image_only = trained_synthetic.test[:, :0].copy()
-    out = trained_synthetic.model.predict_expression(image_only)
+    out = trained_synthetic.model.predict_expression(image_only, copy=True)
     axes = rbg.pl.expression_maps(out, [out.var_names[0]], show=False)
     assert len(axes) == 1
     assert axes[0].get_title() == f"{out.var_names[0]} predicted"

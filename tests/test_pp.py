@@ -11,6 +11,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from rankbygene import pp
+from rankbygene._layout import resolve_library_key
 from rankbygene.datasets._synthetic import synthetic
 from rankbygene.pp._smooth import _infer_n_neighs
 
@@ -144,28 +145,32 @@ def test_heg_picks_highest_mean_normalised_genes():
     adata = _hand_adata()
     # Normalised means: g0 (.1+.1+.25)/3=.15, g1 (0+.05+.5)/3=.183, g2 (.05+.05+.25)/3=.117,
     # g3 (.85+.8+0)/3=.55  -> top 2: g3, g1 (raw means would pick g3, g0).
-    pp.select_genes(adata, n_top=2, flavor="heg")
+    pp.select_genes(adata, n_top=2, flavor="heg", subset=True)
     assert list(adata.var_names) == ["g1", "g3"]  # AnnData order
     adata = _hand_adata()
     adata.X = adata.X.toarray()
-    pp.select_genes(adata, n_top=3, subset=False)
+    pp.select_genes(adata, n_top=3)
     assert adata.var["rankbygene_panel"].tolist() == [True, True, False, True]
     assert adata.n_vars == 4
 
 
 def test_select_genes_subset_in_place(adata):
     before = _keys(adata)
-    pp.select_genes(adata, n_top=10, layer="counts")
+    pp.select_genes(adata, n_top=10, layer="counts", subset=True)
     after = _keys(adata)
     assert after["shape"] == (before["shape"][0], 10)
-    after["shape"] = before["shape"]
+    assert adata.var["rankbygene_panel"].all()
+    assert after["var"] == [*before["var"], "rankbygene_panel"]
+    after["shape"], after["var"] = before["shape"], before["var"]
     assert after == before
     assert adata.layers["counts"].shape == (adata.n_obs, 10)
 
 
-def test_select_genes_marks_without_subset(adata):
+def test_select_genes_marks_by_default_as_scanpy_hvg(adata):
     before = _keys(adata)
-    pp.select_genes(adata, n_top=10, subset=False)
+    n_vars = adata.n_vars
+    assert pp.select_genes(adata, n_top=10) is None
+    assert adata.n_vars == n_vars  # marked, not subset: scanpy's highly_variable_genes default
     assert adata.var["rankbygene_panel"].dtype == bool
     assert adata.var["rankbygene_panel"].sum() == 10
     after = _keys(adata)
@@ -176,10 +181,12 @@ def test_select_genes_marks_without_subset(adata):
 
 def test_select_genes_hvg_adds_nothing_else(adata):
     before = _keys(adata)
-    pp.select_genes(adata, n_top=12, flavor="hvg", layer="counts")
+    pp.select_genes(adata, n_top=12, flavor="hvg", layer="counts", subset=True)
     assert adata.n_vars == 12
     after = _keys(adata)
     after["shape"] = before["shape"]
+    assert after["var"] == [*before["var"], "rankbygene_panel"]
+    after["var"] = before["var"]
     assert after == before  # no highly_variable / means / hvg entries
 
 
@@ -195,7 +202,7 @@ logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
 n_spots, n_genes = int(sys.argv[1]), int(sys.argv[2])
 counts = np.random.default_rng(0).poisson(3, size=(n_spots, n_genes)).astype(np.float32)
 adata = AnnData(counts)
-pp.select_genes(adata, n_top=5, flavor="hvg")
+pp.select_genes(adata, n_top=5, flavor="hvg", subset=True)
 print("panel", adata.n_vars)
 """
 
@@ -226,7 +233,7 @@ def test_select_genes_hvg_degenerate_loess_falls_back(caplog):
     values = (np.arange(60) % 7).astype(np.float32)
     adata = AnnData(np.stack([rng.permutation(values) for _ in range(30)], axis=1))
     with caplog.at_level(logging.WARNING, logger="rankbygene"):
-        pp.select_genes(adata, n_top=10, flavor="hvg")
+        pp.select_genes(adata, n_top=10, flavor="hvg", subset=True)
     assert adata.n_vars == 10
     assert "svddc failed in l2fit" in caplog.text
     assert "flavor='heg'" in caplog.text
@@ -240,16 +247,29 @@ def test_select_genes_hvg_enough_genes_is_not_a_fallback(adata, caplog):
 
 def test_select_genes_copy(adata):
     before = _keys(adata)
-    out = pp.select_genes(adata, n_top=5, copy=True)
+    out = pp.select_genes(adata, n_top=5, subset=True, copy=True)
     assert out.n_vars == 5
-    out2 = pp.select_genes(adata, n_top=5, subset=False, copy=True)
+    out2 = pp.select_genes(adata, n_top=5, copy=True)
     assert out2.var["rankbygene_panel"].sum() == 5
+    assert _keys(adata) == before
+
+
+def test_select_genes_inplace_false_returns_the_mark_and_changes_nothing(adata):
+    before = _keys(adata)
+    marked = pp.select_genes(adata, n_top=5, copy=True)
+    panel = pp.select_genes(adata, n_top=5, inplace=False)
+    assert list(panel.columns) == ["rankbygene_panel"]
+    assert (panel.index == adata.var_names).all()
+    assert (panel["rankbygene_panel"] == marked.var["rankbygene_panel"]).all()
+    assert _keys(adata) == before
+    with pytest.raises(ValueError, match="inplace=False"):
+        pp.select_genes(adata, n_top=5, inplace=False, copy=True)
     assert _keys(adata) == before
 
 
 def test_select_genes_list_reports_missing(adata, caplog):
     with caplog.at_level(logging.WARNING, logger="rankbygene"):
-        pp.select_genes(adata, genes=["HK_2", "TUMOR_3", "NOPE_1", "NOPE_2", "HK_2"])
+        pp.select_genes(adata, genes=["HK_2", "TUMOR_3", "NOPE_1", "NOPE_2", "HK_2"], subset=True)
     assert list(adata.var_names) == ["HK_2", "TUMOR_3"]  # list order, duplicates dropped
     assert "2 of 4 genes" in caplog.text
     assert "NOPE_1" in caplog.text
@@ -258,9 +278,9 @@ def test_select_genes_list_reports_missing(adata, caplog):
 def test_select_genes_file(adata, tmp_path):
     path = tmp_path / "panel.txt"
     path.write_text("# my panel\nSTROMA_2\n\nIMMUNE_1\nMISSING\n")
-    pp.select_genes(adata, genes=path, subset=False)
+    pp.select_genes(adata, genes=path)
     assert adata.var_names[adata.var["rankbygene_panel"]].tolist() == ["STROMA_2", "IMMUNE_1"]
-    pp.select_genes(adata, genes=str(path))
+    pp.select_genes(adata, genes=str(path), subset=True)
     assert list(adata.var_names) == ["STROMA_2", "IMMUNE_1"]
 
 
@@ -272,7 +292,7 @@ def test_select_genes_her2st_panel_file():
         X=np.ones((4, len(names)), dtype=np.float32),
         var=pd.DataFrame(index=names),
     )
-    pp.select_genes(adata, genes=HER2ST / "her_hvg_cut_1000.txt")
+    pp.select_genes(adata, genes=HER2ST / "her_hvg_cut_1000.txt", subset=True)
     assert list(adata.var_names) == panel[:50]
 
 
@@ -318,14 +338,14 @@ def test_smooth_writes_only_its_layer(adata):
 def test_smooth_default_key_and_copy(adata):
     before = _keys(adata)
     out = pp.smooth_expression(adata, library_key="library_id", copy=True)
-    assert "X_smoothed" in out.layers
+    assert "smoothed" in out.layers
     assert _keys(adata) == before
 
 
 def test_smooth_constant_field_is_noop(adata):
     adata.X = np.full(adata.shape, 3.5, dtype=np.float32)
     pp.smooth_expression(adata, n_rings=2, library_key="library_id")
-    np.testing.assert_allclose(adata.layers["X_smoothed"], 3.5, rtol=1e-6)
+    np.testing.assert_allclose(adata.layers["smoothed"], 3.5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("n_rings", [1, 2])
@@ -339,14 +359,14 @@ def test_smooth_spike_hex_grid(adata, n_rings):
     x[np.flatnonzero(mask)[spike], :] = 1.0
     adata.X = sparse.csr_matrix(x)
     pp.smooth_expression(adata, n_rings=n_rings, library_key="library_id")
-    got = _dense(adata.layers["X_smoothed"])[mask, 0]
+    got = _dense(adata.layers["smoothed"])[mask, 0]
     # Ring k of a hexagonal grid lies within k spot spacings (100 px); the next ring is beyond.
     expected = _expected_mean_of_spike(xy, spike, radius=100.0 * n_rings + 1)
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert got[spike] == pytest.approx(1 / (1 + 6 * n_rings * (n_rings + 1) // 2))
     assert (got > 0).sum() == 1 + 6 * n_rings * (n_rings + 1) // 2
     # The other slide is untouched.
-    assert np.abs(_dense(adata.layers["X_smoothed"])[~mask]).max() == 0
+    assert np.abs(_dense(adata.layers["smoothed"])[~mask]).max() == 0
 
 
 @pytest.mark.parametrize("spike", [24, 0, 3])  # centre, corner, edge of a 7x7 grid
@@ -357,12 +377,12 @@ def test_smooth_spike_square_grid(spike):
     pp.smooth_expression(adata)
     # 3x3 mean: neighbours within a diagonal step (10 * sqrt 2).
     expected = 2.0 * _expected_mean_of_spike(adata.obsm["spatial"], spike, radius=14.2)
-    np.testing.assert_allclose(adata.layers["X_smoothed"][:, 1], expected, atol=1e-6)
+    np.testing.assert_allclose(adata.layers["smoothed"][:, 1], expected, atol=1e-6)
     if spike == 24:
-        assert (adata.layers["X_smoothed"][:, 0] > 0).sum() == 9
-        assert adata.layers["X_smoothed"][spike, 0] == pytest.approx(2 / 9)
+        assert (adata.layers["smoothed"][:, 0] > 0).sum() == 9
+        assert adata.layers["smoothed"][spike, 0] == pytest.approx(2 / 9)
     else:
-        assert adata.layers["X_smoothed"][spike, 0] == pytest.approx(2 / (4 if spike == 0 else 6))
+        assert adata.layers["smoothed"][spike, 0] == pytest.approx(2 / (4 if spike == 0 else 6))
 
 
 def test_smooth_square_grid_four_neighbours():
@@ -370,7 +390,7 @@ def test_smooth_square_grid_four_neighbours():
     adata.X[24, :] = 1.0
     pp.smooth_expression(adata, n_neighs=4)
     expected = _expected_mean_of_spike(adata.obsm["spatial"], 24, radius=10.1)
-    np.testing.assert_allclose(adata.layers["X_smoothed"][:, 0], expected, atol=1e-6)
+    np.testing.assert_allclose(adata.layers["smoothed"][:, 0], expected, atol=1e-6)
 
 
 def test_smooth_anisotropic_st_grid_inferred_square():
@@ -384,11 +404,28 @@ def test_smooth_respects_libraries():
     adata.X[24, :] = 1.0  # centre of lib0
     with pytest.raises(ValueError, match="library_key"):
         pp.smooth_expression(adata)
-    assert "X_smoothed" not in adata.layers
+    assert "smoothed" not in adata.layers
     pp.smooth_expression(adata, library_key="library_id")
-    smoothed = adata.layers["X_smoothed"]
+    smoothed = adata.layers["smoothed"]
     assert (smoothed[:49, 0] > 0).sum() == 9
     assert np.abs(smoothed[49:]).max() == 0
+
+
+def test_smooth_finds_the_library_column_as_setup_anndata_does():
+    # squidpy's layout: uns["spatial"] names the libraries, obs["library_id"] holds them
+    adata = _square_grid(n_libraries=2)
+    adata.X[24, :] = 1.0
+    adata.uns["spatial"] = {"lib0": {}, "lib1": {}}
+    assert resolve_library_key(adata) == "library_id"  # what setup_anndata uses
+    pp.smooth_expression(adata)  # no library_key: found, no "share the same coordinates"
+    expected = adata.copy()
+    pp.smooth_expression(expected, library_key="library_id")
+    np.testing.assert_array_equal(adata.layers["smoothed"], expected.layers["smoothed"])
+    assert np.abs(adata.layers["smoothed"][49:]).max() == 0
+    adata.obs["other"] = adata.obs["library_id"].astype(str)  # a second qualifying column
+    adata.obs = adata.obs.rename(columns={"library_id": "slide"})
+    with pytest.raises(ValueError, match=r"Several obs columns.*\['slide', 'other'\]"):
+        pp.smooth_expression(adata)
 
 
 @pytest.mark.skipif(not (HER2ST / "ST-spotfiles").is_dir(), reason="her2st data absent")
@@ -428,7 +465,7 @@ def test_smooth_with_older_squidpy_api(adata, monkeypatch):
     monkeypatch.delattr(sq.gr, "spatial_neighbors_grid")
     pp.smooth_expression(adata, library_key="library_id")
     np.testing.assert_allclose(
-        _dense(adata.layers["X_smoothed"]), _dense(expected.layers["X_smoothed"])
+        _dense(adata.layers["smoothed"]), _dense(expected.layers["smoothed"])
     )
     assert "spatial_connectivities" not in adata.obsp
 
@@ -446,3 +483,14 @@ def test_smoothing_infers_the_square_grid_of_every_her2st_section():
         assert _infer_n_neighs(section.obsm["spatial"], np.zeros(section.n_obs)) == 8
     pp.smooth_expression(adata, layer="counts", key_added="smoothed", library_key="library_id")
     assert adata.layers["smoothed"].shape == adata.shape
+
+
+def test_normalize_inplace_false_returns_the_values_and_writes_nothing(adata):
+    before = _keys(adata)
+    values = pp.normalize(adata, layer="counts", inplace=False)
+    assert _keys(adata) == before
+    written = pp.normalize(adata, layer="counts", copy=True).layers["lognorm"]
+    np.testing.assert_allclose(values.toarray(), written.toarray())
+    with pytest.raises(ValueError, match="inplace=False"):
+        pp.normalize(adata, layer="counts", inplace=False, copy=True)
+    assert _keys(adata) == before

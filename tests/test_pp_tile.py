@@ -150,7 +150,7 @@ def test_model_and_squidpy_work_on_tiles(slide, tiny_model):
     embedding = tiny_model.get_image_representation(tiles, batch_size=64)
     assert embedding.shape == (tiles.n_obs, 8)
     assert np.isfinite(embedding).all()
-    predicted = tiny_model.predict_expression(tiles)
+    predicted = tiny_model.predict_expression(tiles, copy=True)
     assert predicted.n_obs == tiles.n_obs
     assert "rankbygene_predicted" in predicted.layers
     sq.gr.spatial_neighbors(predicted, coord_type="grid", n_neighs=4)

@@ -38,6 +38,7 @@ from scipy import sparse
 import rankbygene as rbg
 from rankbygene.io._image import as_rgb_uint8, open_image
 from rankbygene.pp._genes import MIN_HVG_GENES, _n_varying_genes
+from rankbygene.pp._smooth import smoothed_layer_key
 
 # Library warnings (a partial spot match, scanpy's on odd input) are expected on random input.
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -800,7 +801,9 @@ def test_select_genes_hvg_on_small_data(data: tuple[AnnData, str | None], n_top:
     """seurat_v3's loess on few spots and genes: a panel or a clear error, never a crash."""
     adata, layer = data
     before = copy.deepcopy(adata)
-    call = lambda: rbg.pp.select_genes(adata, n_top=n_top, flavor="hvg", layer=layer, copy=True)  # noqa: E731
+    call = lambda: rbg.pp.select_genes(  # noqa: E731
+        adata, n_top=n_top, flavor="hvg", layer=layer, subset=True, copy=True
+    )
     result, err = outcome(call, ["n_top", "var_names", *_matrix_names(layer)])
     assert_unchanged(before, adata)
     if err is None:
@@ -888,7 +891,7 @@ def test_smooth_expression_on_random_layouts(
     if err is not None:
         return
     out = result if copy_ else adata
-    key = f"{layer or 'X'}_smoothed"
+    key = smoothed_layer_key(layer)
     smoothed = _dense(out.layers[key]).astype(np.float64)
     assert smoothed.shape == adata.shape
     assert np.isfinite(smoothed).all()
@@ -1241,7 +1244,7 @@ def test_hvg_on_narrow_integer_counts(dtype: type) -> None:
     # on which scikit-misc's loess killed the interpreter with a segfault
     counts = np.random.default_rng(0).poisson(50_000 if dtype == np.int32 else 500, (5, 21))
     adata = AnnData(counts.astype(dtype))
-    rbg.pp.select_genes(adata, n_top=5, flavor="hvg")
+    rbg.pp.select_genes(adata, n_top=5, flavor="hvg", subset=True)
     assert adata.n_vars == 5
 
 

@@ -194,7 +194,10 @@ def test_slide_features_from_anndata_lists_and_dicts():
     with pytest.raises(KeyError, match="X_other"):
         rbg.tl.slide_features(a, use_rep="X_other")
     both.uns["spatial"] = {"A": {}, "B": {}}
-    with pytest.raises(ValueError, match="library_key"):
+    # library_key left out: found as everywhere, the column whose values are the slides
+    pd.testing.assert_frame_equal(rbg.tl.slide_features(both), pooled)
+    del both.obs["library_id"]
+    with pytest.raises(ValueError, match="pass library_key"):
         rbg.tl.slide_features(both)
     with pytest.raises(ValueError, match="method"):
         rbg.tl.slide_features(a, method="max")

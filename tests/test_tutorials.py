@@ -4,6 +4,7 @@ each notebook has the cells of its paired ``py:percent`` file, ``tutorials/scrip
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,41 @@ def test_tutorial_notebook_matches_its_py_file(name):
 def test_real_data_tutorials_are_committed_without_outputs(name):
     notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+
+
+#: Lines of other libraries that a committed notebook must not show: tqdm's notebook bar without
+#: ipywidgets, scvi-tools' bookkeeping at setup and load, warnings.
+FOREIGN = ("IProgress", "Generating sequential column names", "already downloaded", "Warning")
+#: The start of an absolute path of the machine that executed a notebook.
+MACHINE_PATH = re.compile(
+    r"(?<![\w.])(/(?:home|root|work|tmp|Users|mnt|var|opt|private)/|[A-Z]:\\)"
+)
+
+
+def _texts(notebook: nbformat.NotebookNode) -> list[str]:
+    """Every text a notebook's outputs show: streams, plain and HTML data, errors."""
+    texts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if "text" in output:
+                texts.append(output["text"])
+            for kind in ("text/plain", "text/html"):
+                if kind in output.get("data", {}):
+                    texts.append(output["data"][kind])
+            texts.extend(output.get("traceback", []))
+    return ["".join(t) if isinstance(t, list) else t for t in texts]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_outputs_are_clean(name):
+    """No foreign lines, progress bars stored as one frame, no path of the executing machine."""
+    texts = _texts(nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4))
+    for foreign in FOREIGN:
+        assert not [t for t in texts if foreign in t], (name, foreign)
+    paths = [m.group(0) for t in texts for m in [MACHINE_PATH.search(t)] if m]
+    assert not paths, (name, paths)
+    redrawn = [line for t in texts for line in t.split("\n") if line.count("%|") > 1]
+    assert not redrawn, (name, redrawn[:1])
 
 
 def _run(name: str, workdir: Path) -> nbformat.NotebookNode:

@@ -111,3 +111,43 @@ def test_missing_wsidata_names_the_extra(monkeypatch):
         require_wsidata()
     with pytest.raises(ImportError, match=r"rankbygene\[wsi\]"):
         WSIDataImage(object())
+
+
+@pytest.fixture(scope="module")
+def pyramid(tmp_path_factory):
+    """A 1536 px slide in three levels (1, 2, 4) at 0.5 um/px: tiles span several levels."""
+    section = rbg.datasets.synthetic(n_slides=1, n_spots=60, n_genes=6, seed=0)
+    image = section.uns["spatial"]["slide_0"]["images"]["hires"]
+    image = np.ascontiguousarray(np.tile(image, (2, 2, 1))[:1536, :1536])
+    return write_pyramidal_tiff(tmp_path_factory.mktemp("wsi") / "case1.tif", image, mpp=0.5)
+
+
+@pytest.mark.parametrize("reader", ["openslide", "tiffslide"])
+@pytest.mark.parametrize(
+    "tiling",
+    [{"tile_px": 128}, {"tile_px": 64, "mpp": 1.0}],
+    ids=["level0-tiles-4x-the-input", "level1-tiles-2x-the-input"],
+)
+def test_feature_extractor_equals_get_image_representation_on_larger_tiles(
+    pyramid, tiny_model, reader, tiling
+):
+    # the encoder's input (32 px) is smaller than the tiles: the package's own reads would take
+    # a coarser level than LazySlide's tile spec; the tiles of the table are read at the spec's
+    zs = pytest.importorskip("lazyslide")
+    wsidata = pytest.importorskip("wsidata")
+    pytest.importorskip(reader)
+    wsi = wsidata.open_wsi(pyramid, store=None, reader=reader)
+    assert len(wsi.properties.level_downsample) == 3
+    zs.pp.find_tissues(wsi)
+    zs.pp.tile_tissues(wsi, background_fraction=0.5, **tiling)
+    features = zs.tl.feature_extraction(
+        wsi, rbg.model.FeatureExtractor(tiny_model), return_features=True, pbar=False
+    )
+    tiles = rbg.pp.tile_slide(wsi, tile_key="tiles")
+    spec = wsi.tile_spec("tiles")
+    meta = tiles.uns["spatial"]["case1"]["metadata"]
+    assert meta["read_downsample"] == wsi.properties.level_downsample[spec.ops_level]
+    expected = tiny_model.get_image_representation(tiles, num_workers=0, progress=False)
+    assert features.shape == expected.shape
+    assert len(features) > 20
+    np.testing.assert_allclose(features, expected, atol=1e-3)

@@ -21,6 +21,7 @@ from rankbygene._constants import (
     LIBRARY_ID_KEY,
     METADATA_KEY,
     METADATA_PATCHES_PATH,
+    METADATA_READ_DOWNSAMPLE,
     METADATA_SOURCE_IMAGE,
     METADATA_TILE_SIZE_UM,
     SCALEFACTOR_SPOT_DIAMETER,
@@ -64,6 +65,10 @@ class ImageSource:
     tile_size_um
         Tile side in microns for a library of whole-slide tiles (``metadata["tile_size_um"]``,
         written by :func:`rankbygene.pp.tile_slide`); ``None`` for spots.
+    read_downsample
+        Pyramid level (by its downsample) that patches are read from, for tiles of a
+        LazySlide tile table (``metadata["read_downsample"]``); ``None``: the coarsest level
+        that suffices.
     """
 
     library_id: str
@@ -73,6 +78,7 @@ class ImageSource:
     scale: float = 1.0
     patches_path: Path | None = None
     tile_size_um: float | None = None
+    read_downsample: float | None = None
 
     @property
     def kind(self) -> Literal["file", "memory", "patches"]:
@@ -141,22 +147,22 @@ def spatial_coordinates(adata: AnnData, spatial_key: str = SPATIAL_KEY) -> np.nd
 
 
 def spot_libraries(
-    adata: AnnData, library_key: str | None = None, default: str | None = None
+    adata: AnnData, library_key: str | None = None, default: str = "0"
 ) -> np.ndarray:
-    """The library id of each spot, as strings.
+    """The library id of each spot, as strings: the one resolver of ``library_key``.
 
-    Without ``library_key``, ``uns["spatial"]`` must hold exactly one library (or none: then every
-    spot gets library ``"0"``, for AnnData without images such as precomputed features); with
-    ``default``, every spot gets ``default`` instead, whatever ``uns["spatial"]`` holds (for
-    functions that take an AnnData without ``library_key`` as one group of spots).
+    ``library_key=None`` is resolved by :func:`resolve_library_key`: with at most one library in
+    ``uns["spatial"]`` every spot gets that library's id (``default`` when there is none, e.g.
+    an AnnData of precomputed features); with several, the ``obs`` column whose values are
+    their ids.
 
     Raises
     ------
     KeyError
         ``library_key`` is not a column of ``obs``.
     ValueError
-        The column has missing values, or, without ``library_key`` and ``default``,
-        ``uns["spatial"]`` holds several libraries.
+        The column has missing values, or ``library_key=None`` and several libraries that no
+        column names.
 
     Examples
     --------
@@ -167,7 +173,11 @@ def spot_libraries(
     >>> adata.obs["library_id"] = ["A1", "B1"]
     >>> spot_libraries(adata, "library_id").tolist()
     ['A1', 'B1']
+    >>> adata.uns["spatial"] = {"A1": {}, "B1": {}}
+    >>> spot_libraries(adata).tolist()  # found: the column whose values are the libraries
+    ['A1', 'B1']
     """
+    library_key = resolve_library_key(adata, library_key)
     if library_key is not None:
         if library_key not in adata.obs:
             raise KeyError(
@@ -180,25 +190,21 @@ def spot_libraries(
                 f"adata.obs[{library_key!r}] has {int(values.isna().sum())} missing values."
             )
         return values.astype(str).to_numpy()
-    if default is not None:
-        return np.full(adata.n_obs, str(default), dtype=object)
-    libraries = list(adata.uns.get(SPATIAL_KEY, {}).keys())
-    if len(libraries) > 1:
-        raise ValueError(
-            f"adata.uns[{SPATIAL_KEY!r}] holds {len(libraries)} libraries {libraries}: pass "
-            "library_key, the obs column naming each spot's library."
-        )
-    return np.full(adata.n_obs, str(libraries[0]) if libraries else "0", dtype=object)
+    libraries = list(adata.uns.get(SPATIAL_KEY, {}) or {})
+    return np.full(adata.n_obs, str(libraries[0]) if libraries else str(default), dtype=object)
 
 
-def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str | None:
-    """The ``obs`` column naming each spot's library: ``library_key``, else found by its values.
+def resolve_library_key(
+    adata: AnnData, library_key: str | None = None, setup_key: str | None = None
+) -> str | None:
+    """The ``obs`` column naming each spot's library: the package's one rule for ``None``.
 
-    With ``library_key=None`` and several libraries in ``uns["spatial"]``, the column whose
-    values are all library ids of ``uns["spatial"]`` is taken (squidpy names it
-    ``library_id``), and the choice is logged at INFO level. Every library need not appear
-    (a split of a multi-library AnnData keeps all of ``uns["spatial"]``). When several columns
-    qualify, ``library_id`` is preferred.
+    ``library_key`` when given. Else, for a model, ``setup_key`` (the column given at setup)
+    where ``adata.obs`` has it. Else found from the data: with at most one library in
+    ``uns["spatial"]``, ``None`` (all spots are one library); with several, the column whose
+    values are all library ids of ``uns["spatial"]`` (squidpy names it ``library_id``), logged at
+    INFO level. Every library need not appear (a split of a multi-library AnnData keeps all of
+    ``uns["spatial"]``). When several columns qualify, ``library_id`` is preferred.
 
     Parameters
     ----------
@@ -206,6 +212,8 @@ def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str |
         AnnData in the scanpy/squidpy spatial layout.
     library_key
         Returned as given when not ``None``.
+    setup_key
+        A model's setup column, taken where ``adata.obs`` has it.
 
     Returns
     -------
@@ -231,6 +239,8 @@ def resolve_library_key(adata: AnnData, library_key: str | None = None) -> str |
     """
     if library_key is not None or not isinstance(adata, AnnData):
         return library_key  # anything but an AnnData is for the caller's checks to report
+    if setup_key is not None and setup_key in adata.obs:
+        return setup_key
     spatial = adata.uns.get(SPATIAL_KEY)
     if not isinstance(spatial, Mapping) or len(spatial) <= 1:
         return None
@@ -367,16 +377,22 @@ def _image_source(entry: dict[str, Any], library_id: str, image_key: str | None)
             f"{where}[{SCALEFACTORS_KEY!r}][{SCALEFACTOR_SPOT_DIAMETER!r}] is missing or not "
             "positive: the patch size is derived from it."
         )
-    return ImageSource(library_id, diameter, tile_size_um=_tile_size(metadata), **source)
+    return ImageSource(
+        library_id,
+        diameter,
+        tile_size_um=_positive(metadata, METADATA_TILE_SIZE_UM),
+        read_downsample=_positive(metadata, METADATA_READ_DOWNSAMPLE),
+        **source,
+    )
 
 
-def _tile_size(metadata: Mapping[str, Any]) -> float | None:
-    """``metadata["tile_size_um"]`` of a library of whole-slide tiles; ``None`` for spots."""
+def _positive(metadata: Mapping[str, Any], key: str) -> float | None:
+    """A positive finite number of ``metadata`` (a tile side, a read level); ``None`` else."""
     try:
-        size = float(metadata[METADATA_TILE_SIZE_UM])
+        value = float(metadata[key])
     except (KeyError, TypeError, ValueError):
         return None
-    return size if np.isfinite(size) and size > 0 else None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def _spot_diameter(scalefactors: dict[str, Any]) -> float | None:

@@ -16,6 +16,7 @@ import numpy as np
 from anndata import AnnData
 
 from rankbygene._constants import IMAGES_KEY, MAX_SPOT_UPSAMPLING, SPATIAL_KEY
+from rankbygene._docs import d
 from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
 from rankbygene.io._image import (
@@ -42,6 +43,7 @@ _CACHES = (None, "memory", "disk")
 _RESOLUTION_REPORTED: set[tuple[Any, ...]] = set()
 
 
+@d.dedent
 class PatchExtractor:
     """Image patches centred on the spots of an AnnData, one or several libraries.
 
@@ -62,8 +64,7 @@ class PatchExtractor:
     adata
         AnnData in the scanpy/squidpy spatial layout. Only what is needed is kept (coordinates,
         library of each spot, image sources, references to in-memory images); it is not modified.
-    library_key
-        Column of ``obs`` naming each spot's library; needed when ``uns["spatial"]`` has several.
+    %(library_key)s
     spatial_key
         Key in ``obsm`` of the spot centres ``(x, y)`` in full-resolution pixels.
     image_key
@@ -223,6 +224,7 @@ class PatchExtractor:
         self._warned_thrash = False
 
     @classmethod
+    @d.dedent
     def from_settings(
         cls,
         adata: AnnData,
@@ -240,9 +242,7 @@ class PatchExtractor:
             AnnData in the scanpy/squidpy spatial layout.
         settings
             The model's :class:`~rankbygene.data.ImageSettings` (``model.image_settings``).
-        library_key
-            ``obs`` column of libraries; default: ``settings.library_key`` where ``adata.obs``
-            has that column (an AnnData of one library may lack it).
+        %(library_key_model)s
         out_of_bounds, cache, cache_dir
             As for the constructor.
 
@@ -338,7 +338,7 @@ class PatchExtractor:
         --------
         >>> patches = PatchExtractor(adata, cache="disk").materialize()  # doctest: +SKIP
         """
-        from tqdm.auto import tqdm
+        from rankbygene._progress import progress_bar
 
         if self.cache is None:
             raise ValueError("materialize() needs a cache: pass cache='memory' or cache='disk'.")
@@ -346,7 +346,9 @@ class PatchExtractor:
             self._open_disk_cache(create=True)
         todo = np.flatnonzero(self._sums == 0)
         n_before = len(self.indices) - len(todo)
-        bar = tqdm(total=len(todo), disable=not progress, desc="Extracting patches", unit="patch")
+        bar = progress_bar(
+            total=len(todo), disable=not progress, desc="Extracting patches", unit="patch"
+        )
         try:
             codes = self._library_code[self.indices[todo]]
             for code, lib in enumerate(self.libraries):
@@ -496,7 +498,8 @@ class PatchExtractor:
                 return np.full((self.patch_size, self.patch_size, 3), BACKGROUND, dtype=np.uint8)
             return handle.read(int(row), self.patch_size)
         x0, y0, side = self._boxes[i]
-        return handle.read_region(x0, y0, side, side, out_size=self.patch_size)
+        downsample = self.sources[lib].read_downsample  # a LazySlide tile spec's level
+        return handle.read_region(x0, y0, side, side, self.patch_size, downsample)
 
     def _handle(self, lib: str) -> Any:
         self._check_process()

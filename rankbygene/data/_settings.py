@@ -9,6 +9,7 @@ import numpy as np
 from anndata import AnnData
 
 from rankbygene._constants import SPATIAL_KEY
+from rankbygene._layout import resolve_library_key
 
 __all__ = ["ImageSettings"]
 
@@ -84,7 +85,8 @@ class ImageSettings:
         """The ``obs`` column of libraries to use for ``adata``.
 
         ``library_key`` when given; else the model's ``library_key`` where ``adata.obs`` has it
-        (an AnnData of one library, a query, may lack it); else ``None``.
+        (an AnnData of one library, a query, may lack it); else found from the data
+        (:func:`rankbygene._layout.resolve_library_key`: ``None`` for one library).
 
         Examples
         --------
@@ -95,6 +97,4 @@ class ImageSettings:
         >>> settings.library_column(ad.AnnData(np.zeros((2, 2)), obs=obs))
         'library_id'
         """
-        if library_key is None and self.library_key is not None and self.library_key in adata.obs:
-            return self.library_key
-        return library_key
+        return resolve_library_key(adata, library_key, setup_key=self.library_key)

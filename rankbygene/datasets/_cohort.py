@@ -39,7 +39,7 @@ def synthetic_cohort(
     """Write a cohort of synthetic whole-slide images whose outcome follows their composition.
 
     Slide ``i`` is one synthetic H&E section (``synthetic(n_slides=1, ...)``, its own seed), its
-    ``"hires"`` image written as a tiled pyramidal TIFF (levels in SubIFDs, halving down to 512
+    ``"hires"`` image written as a tiled pyramidal TIFF (levels as pages, halving down to 512
     px; resolution tags in pixels per centimetre, so readers find ``mpp``). Its outcome depends
     on ``f``, the fraction of the section covered by ``region`` (mean of the spots'
     ``obsm["region_fractions"]``), through ``z``, ``f`` standardised over the cohort:

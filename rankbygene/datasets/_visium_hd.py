@@ -162,7 +162,7 @@ def synthetic_visium_hd(
       ``uns["synthetic"]`` (bin size, microns per pixel, regions, profiles, seed).
 
     With ``as_anndata=True``, that table as an AnnData whose library (``obs["library_id"]``,
-    the key of ``uns["spatial"]``) is named after the shapes element, with the full-resolution
+    the key of ``uns["spatial"]``) is ``dataset_id``, the section, with the full-resolution
     image as ``"hires"`` (scale factor 1), a ``"lowres"`` copy, and ``scalefactors``
     ``spot_diameter_fullres`` (the bin side in pixels), ``bin_size_um`` and
     ``microns_per_pixel``: what :func:`rankbygene.io.from_spatialdata` gives, without spatialdata.
@@ -180,7 +180,7 @@ def synthetic_visium_hd(
     >>> sorted(sdata.tables)
     ['square_008um', 'square_016um']
     >>> adata = rbg.io.from_spatialdata(sdata, table_key="square_008um")
-    >>> adata.uns["spatial"]["synthetic_hd_square_008um"]["scalefactors"]["bin_size_um"]
+    >>> adata.uns["spatial"]["synthetic_hd"]["scalefactors"]["bin_size_um"]
     8.0
     >>> spots = rbg.pp.aggregate_bins(adata, size_um=32)  # 4 x 4 bins per pseudo-spot
     """
@@ -417,9 +417,9 @@ def _downscaled(image: np.ndarray, max_side: int, at_most: float) -> tuple[np.nd
 def _as_anndata(
     table: AnnData, image: np.ndarray, dataset_id: str, size: int, mpp: float, seed: int
 ) -> AnnData:
-    library = f"{dataset_id}_{bin_table_key(size)}"
+    library = dataset_id  # the section, as from_spatialdata names it at every bin size
     adata = table
-    adata.obs["region"] = pd.Categorical([library] * adata.n_obs)
+    adata.obs["region"] = pd.Categorical([f"{dataset_id}_{bin_table_key(size)}"] * adata.n_obs)
     adata.obs[LIBRARY_ID_KEY] = pd.Categorical([library] * adata.n_obs)
     adata.uns[SPATIAL_KEY] = {
         library: spatial_entry(

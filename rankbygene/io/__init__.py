@@ -19,6 +19,15 @@ the ``hires`` thumbnail, and keep the raw counts in a layer::
     adata.var_names_make_unique()
     adata.layers["counts"] = adata.X.copy()
 
+With the ``spatialdata`` extra, a Space Ranger folder also comes through spatialdata-io, with the
+same spots and patches; Visium HD folders (positions in parquet, which squidpy does not read)
+come this way only::
+
+    import spatialdata_io
+
+    sdata = spatialdata_io.visium_hd("run/outs", fullres_image_file="run/image.tif")
+    bins = from_spatialdata(sdata, table_key="square_008um")  # library: the section
+
 **HEST-1k** samples are read with :func:`read_hest` from the files of one sample id; the
 whole-slide image is read lazily from its pyramid, the precomputed patches are checked
 against the spots and recorded::

@@ -193,11 +193,14 @@ class ImageReader(ABC):
         width: float,
         height: float,
         out_size: int | tuple[int, int] | None = None,
+        downsample: float | None = None,
     ) -> np.ndarray:
         """Read the box with top-left ``(x, y)`` and size ``width x height`` (level-0 pixels).
 
         Parts outside the image are white. With ``out_size`` (``int`` or ``(width, height)``),
-        the patch is read from the coarsest pyramid level that suffices and resized.
+        the patch is read from the coarsest pyramid level that suffices and resized; with
+        ``downsample``, from the coarsest level at most that downsampled instead (the level
+        another reader, such as a LazySlide tile spec, reads), then resized.
 
         Returns
         -------
@@ -208,7 +211,9 @@ class ImageReader(ABC):
             raise ValueError(f"Region must be finite; got x={x}, y={y}, {width} x {height}.")
         if width <= 0 or height <= 0:
             raise ValueError(f"Region size must be positive; got {width} x {height}.")
-        if out_size is None:
+        if downsample is not None:
+            level = self.best_level(downsample)
+        elif out_size is None:
             level = 0
         else:
             out_w = out_size if isinstance(out_size, int) else out_size[0]

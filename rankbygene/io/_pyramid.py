@@ -22,9 +22,13 @@ def write_pyramidal_tiff(
     min_side: int = 512,
     compression: str | None = "zlib",
 ) -> Path:
-    """Write an RGB image as a tiled pyramidal TIFF (levels in SubIFDs, as OME-TIFF/QuPath do).
+    """Write an RGB image as a tiled pyramidal TIFF that whole-slide readers open with all levels.
 
-    Written to a temporary file, then renamed: a reader never sees half a slide.
+    The levels follow each other as pages of the file, the coarser ones marked reduced-resolution
+    (``NewSubfileType`` 1): OpenSlide's generic-TIFF layout, which OpenSlide (hence wsidata's and
+    LazySlide's default reader), TiffSlide, tifffile and :func:`~rankbygene.io.open_image` read
+    as a pyramid. (Levels in SubIFDs, as OME-TIFF keeps them, are seen by OpenSlide as one
+    level.) Written to a temporary file, then renamed: a reader never sees half a slide.
 
     Parameters
     ----------
@@ -54,6 +58,8 @@ def write_pyramidal_tiff(
     >>> path = write_pyramidal_tiff(tmp_path / "slide.tif", image, mpp=0.5)  # doctest: +SKIP
     >>> open_image(path).level_downsamples  # doctest: +SKIP
     (1.0, 2.0, 4.0)
+    >>> openslide.OpenSlide(path).level_count  # doctest: +SKIP
+    3
     """
     import tifffile
 
@@ -82,16 +88,9 @@ def write_pyramidal_tiff(
                     description = "rankbygene synthetic slide"
                     if mpp is not None:
                         description += f"|MPP = {mpp}"
-                    tif.write(
-                        level,
-                        subifds=len(levels) - 1,
-                        description=description,
-                        metadata=None,
-                        **options,
-                        **extra,
-                    )
-                else:
-                    tif.write(level, subfiletype=1, metadata=None, **options, **extra)
+                    extra["description"] = description
+                # one page per level: OpenSlide reads no pyramid kept in SubIFDs
+                tif.write(level, subfiletype=int(k > 0), metadata=None, **options, **extra)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -40,6 +40,7 @@ from rankbygene._constants import (
     SPATIALDATA_ATTRS_KEY,
     UNS_KEY,
 )
+from rankbygene._docs import d
 
 # the entry builder only: rankbygene._layout's readers of images import rankbygene.io
 from rankbygene._layout._entry import image_scales, spatial_entry
@@ -61,6 +62,9 @@ DEFAULT_KEYS = (
 )
 # Space Ranger and spatialdata-io name Visium HD bins by their side: square_008um, ...
 _BIN_NAME = re.compile(r"square_(\d+)um")
+_BIN_SUFFIX = re.compile(r"_?square_\d+um$")
+#: Chunk side of the images to_spatialdata writes, and the long side of their coarsest level.
+IMAGE_CHUNK_PX = 1024
 # A quadrilateral whose perimeter^2 / area is within this of 16 is a square (16 is its minimum).
 _SQUARE_TOLERANCE = 0.01
 
@@ -86,8 +90,11 @@ def from_spatialdata(
 ) -> AnnData:
     """Read a SpatialData table, its circles and their image into the package's AnnData layout.
 
-    Each circles element that the table annotates becomes one library (named after the
-    element): its spot centres are transformed into the pixels of its full-resolution image
+    Each circles element that the table annotates becomes one library, named after the section:
+    the element's name without spatialdata-io's bin suffix (``"run1_square_008um"`` and
+    ``"run1_square_016um"`` are both library ``"run1"``, so that one section read at two bin
+    sizes has one id; elements that would share an id within one call keep their names). Its
+    spot centres are transformed into the pixels of its full-resolution image
     (through a coordinate system both share) and stored in ``obsm["spatial"]``, the circles'
     diameter in the same pixels as ``spot_diameter_fullres``. Square polygons (Visium HD bins,
     as spatialdata-io reads them) are read as well: their centroid is the spot centre and their
@@ -114,7 +121,7 @@ def from_spatialdata(
         Circles or square-polygon element(s) to read, among those the table annotates;
         ``None``: all of them.
     library_key
-        ``obs`` column written with each spot's library (the circles element's name).
+        ``obs`` column written with each spot's library (the section's name).
     hires_size
         Longest side of the ``"hires"`` thumbnail, in pixels.
     bin_size_um
@@ -125,7 +132,7 @@ def from_spatialdata(
     -------
     A copy of the table's rows of the chosen elements (``X``, layers, ``obs``, ``var`` as in
     the table) with ``obsm["spatial"]``, ``obs[library_key]`` and ``uns["spatial"]``; each
-    library's ``metadata`` names the table, circles and image elements it came from.
+    library's ``metadata`` names the table, shapes and image elements it came from.
 
     Raises
     ------
@@ -149,7 +156,7 @@ def from_spatialdata(
     >>> import rankbygene as rbg
     >>> sdata = rbg.datasets.synthetic_visium_hd(size_um=400, bin_sizes_um=(8, 16))
     >>> bins = rbg.io.from_spatialdata(sdata, table_key="square_016um")
-    >>> bins.uns["spatial"]["synthetic_hd_square_016um"]["scalefactors"]["bin_size_um"]
+    >>> bins.uns["spatial"]["synthetic_hd"]["scalefactors"]["bin_size_um"]
     16.0
     """
     _import_spatialdata()
@@ -158,6 +165,7 @@ def from_spatialdata(
     table = _table(sdata, table_key)
     regions, region_key, instance_key = _table_attrs(table, table_key)
     libraries = _chosen_shapes(sdata, table_key, regions, shapes_key)
+    ids = library_ids(libraries)
     obs_region = table.obs[region_key].astype(str).to_numpy()
     keep = np.isin(obs_region, libraries)
     coords = np.zeros((table.n_obs, 2), dtype=np.float64)
@@ -180,7 +188,7 @@ def from_spatialdata(
         if image_name not in thumbnails:
             thumbnails[image_name] = _thumbnail(levels, hires_size)
         hires, scale = thumbnails[image_name]
-        spatial[library] = spatial_entry(
+        spatial[ids[library]] = spatial_entry(
             {HIRES_IMAGE_KEY: (hires, scale), FULLRES_IMAGE_KEY: (levels[0], 1.0)},
             diameter,
             metadata={
@@ -191,7 +199,9 @@ def from_spatialdata(
             scalefactors=None if bin_size is None else _bin_scalefactors(bin_size, diameter),
         )
         logger.info(
-            "library %r: %d spots, image %r (%d x %d pixels), spot diameter %.1f pixels%s",
+            "library %r (shapes %r): %d spots, image %r (%d x %d pixels), spot diameter %.1f "
+            "pixels%s",
+            ids[library],
             library,
             len(rows),
             image_name,
@@ -202,7 +212,10 @@ def from_spatialdata(
         )
     adata = table[keep].copy()
     adata.obsm[SPATIAL_KEY] = coords[keep]
-    adata.obs[library_key] = pd.Categorical(obs_region[keep], categories=libraries)
+    adata.obs[library_key] = pd.Categorical(
+        pd.Series(obs_region[keep]).map(ids).to_numpy(),
+        categories=list(dict.fromkeys(ids.values())),
+    )
     adata.uns[SPATIAL_KEY] = spatial
     attrs = dict(adata.uns.get(SPATIALDATA_ATTRS_KEY, {}))
     attrs["region"] = libraries if len(libraries) > 1 else libraries[0]
@@ -210,6 +223,7 @@ def from_spatialdata(
     return adata
 
 
+@d.dedent
 def to_spatialdata(
     adata: AnnData,
     sdata: SpatialData | None = None,
@@ -218,6 +232,8 @@ def to_spatialdata(
     predicted_table_key: str | None = None,
     library_key: str | None = None,
     instance_key: str = "spot_id",
+    key_added: str | None = None,
+    write: bool = False,
 ) -> SpatialData:
     """Put embeddings and predicted expression where squidpy and spatialdata-plot find them.
 
@@ -234,7 +250,23 @@ def to_spatialdata(
     ``spot_diameter_fullres``) and an image element (the lazy ``"fullres"`` image when there
     is one, else the sharpest in-memory image, scaled back to full-resolution pixels), both in
     the coordinate system ``"global"`` (one library) or named after each library; and the whole
-    ``adata`` as the table annotating the circles.
+    ``adata`` as the table annotating the circles. Each image is written as a multiscale
+    image (halving down to 1024 px on the long side, in 1024 px chunks), as whole-slide images
+    are kept on disk and read by viewers.
+
+    **Saving into a zarr store.** spatialdata does not overwrite an element in the store an
+    object was read from, so results join a disk-backed object as a new table:
+    ``key_added`` writes them there (annotating the same shapes, the table itself unchanged),
+    and ``write=True`` adds that table to the store (``sdata.write_element``; a table of that
+    name written by an earlier run is replaced)::
+
+        sdata = sd.read_zarr("run.zarr")
+        adata = rbg.io.from_spatialdata(sdata, table_key="square_016um")
+        model.predict_expression(adata)
+        rbg.io.to_spatialdata(
+            adata, sdata, table_key="square_016um", key_added="rankbygene", write=True
+        )
+        sd.read_zarr("run.zarr")["rankbygene"]  # the prediction, with the table's region keys
 
     Parameters
     ----------
@@ -252,25 +284,32 @@ def to_spatialdata(
     predicted_table_key
         Table for layers over genes other than the table's; default
         ``"<table_key>_rankbygene"``.
-    library_key
-        ``obs`` column of libraries (new object only); default found as ``setup_anndata``
-        does. Library ids must be valid element names (letters, digits, ``_``, ``-``, ``.``).
+    %(library_key)s
+        For a new object only. Library ids name its elements, so spatialdata's rule for names
+        applies: letters, digits, ``_``, ``-`` and ``.``, not starting with ``__``.
     instance_key
         ``obs`` column of circle ids written to the new object's table.
+    key_added
+        Write every result into a new table of this name (rows matched as for ``table_key``,
+        annotating the same shapes) instead of into ``table_key``, which stays as it was.
+    write
+        Also write the new tables into ``sdata``'s zarr store (``sdata.write_element``). Needs a
+        disk-backed ``sdata`` and results that go to new tables (``key_added``, or layers over
+        other genes): spatialdata does not overwrite ``table_key`` in its own store.
 
     Returns
     -------
-    ``sdata``, written into, or the new SpatialData. To save the table of a disk-backed
-    object: ``sdata.delete_element_from_disk(table_key)``, then
-    ``sdata.write_element(table_key)`` (spatialdata does not overwrite an element in its own
-    store).
+    ``sdata``, written into, or the new SpatialData.
 
     Raises
     ------
     KeyError
         The table, or a key of ``keys``, is missing.
     ValueError
-        Rows of ``adata`` match no row of the table.
+        Rows of ``adata`` match no row of the table; a library id or table name that
+        spatialdata refuses as an element name (the error names it); ``write=True`` without a
+        zarr store or with results for ``table_key`` itself. Raised before anything is
+        changed.
 
     Examples
     --------
@@ -295,12 +334,78 @@ def to_spatialdata(
         )
     found = {key: where for key, where in found.items() if where is not None}
     if sdata is None:
+        if write:
+            raise ValueError(
+                "write=True writes into the zarr store of sdata; a new object has none: save it "
+                "with sdata.write(path)."
+            )
         return _new_spatialdata(adata, found, table_key, library_key, instance_key)
-    _write_into(adata, sdata, found, table_key, predicted_table_key)
+    _check_element_names([n for n in (key_added, predicted_table_key) if n is not None], "table")
+    if write:
+        _check_writable(adata, sdata, found, table_key, key_added)
+    new_tables = _write_into(adata, sdata, found, table_key, predicted_table_key, key_added)
+    if write:
+        _write_tables(sdata, new_tables)
     return sdata
 
 
+def _check_writable(
+    adata: AnnData, sdata: SpatialData, found: dict[str, str], table_key: str, key_added: str | None
+) -> None:
+    """write=True: a zarr store, and nothing for the table that spatialdata cannot overwrite."""
+    if sdata.path is None:
+        raise ValueError(
+            "write=True writes into sdata's zarr store, and sdata has none (sdata.path is None): "
+            "save it first with sdata.write(path)."
+        )
+    if key_added is not None:
+        return
+    table = _table(sdata, table_key)
+    same_genes = set(adata.var_names) == set(table.var_names) and adata.n_vars == table.n_vars
+    into_table = [k for k, w in found.items() if w != "layers" or same_genes]
+    if into_table:
+        raise ValueError(
+            f"{into_table} would go into table {table_key!r}, which spatialdata does not "
+            "overwrite in its own store: pass key_added, a new table for the results."
+        )
+
+
+def _write_tables(sdata: SpatialData, names: list[str]) -> None:
+    """Add new tables to sdata's zarr store, replacing tables of those names written before."""
+    import warnings
+
+    on_disk = set(sdata.elements_paths_on_disk())
+    with warnings.catch_warnings():
+        # zarr announces a default of its next release on every write; nothing to act on
+        warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+        for name in names:
+            if f"tables/{name}" in on_disk:
+                sdata.delete_element_from_disk(name)  # a table this function wrote before
+            sdata.write_element(name)
+    logger.info("wrote tables %s to %s", names, sdata.path)
+
+
 # ---------------------------------------------------------------------------- reading
+
+
+def library_ids(elements: Sequence[str]) -> dict[str, str]:
+    """The library id of each shapes element: the section's name, without the bin suffix.
+
+    spatialdata-io names Visium HD bins ``<dataset>_square_<n>um``; the library is the
+    dataset, the same at every bin size. Elements that would share an id keep their names.
+
+    Examples
+    --------
+    >>> library_ids(["run1_square_008um"])
+    {'run1_square_008um': 'run1'}
+    >>> library_ids(["run1_square_008um", "run1_square_016um"])
+    {'run1_square_008um': 'run1_square_008um', 'run1_square_016um': 'run1_square_016um'}
+    """
+    ids = {name: _BIN_SUFFIX.sub("", name) or name for name in elements}
+    if len(set(ids.values())) < len(ids):
+        logger.info("shapes %s are of one section: libraries keep the element names", elements)
+        return {name: name for name in elements}
+    return ids
 
 
 def _table(sdata: SpatialData, table_key: str) -> AnnData:
@@ -626,12 +731,18 @@ def _write_into(
     found: dict[str, str],
     table_key: str,
     predicted_table_key: str | None,
-) -> None:
-    from spatialdata.models import TableModel
-
+    key_added: str | None,
+) -> list[str]:
+    """Write the results into the table (or ``key_added``); returns the new tables' names."""
     table = _table(sdata, table_key)
     _table_attrs(table, table_key)  # fails early on a table that annotates nothing
+    if key_added == table_key:
+        raise ValueError(f"key_added must name a new table, not the table {table_key!r} itself.")
     rows = _table_rows(adata, table, table_key)
+    if key_added is not None:
+        sdata.tables[key_added] = _results_table(adata, table, rows, found)
+        logger.info("wrote %s to new table %r", list(found), key_added)
+        return [key_added]
     same_genes = set(adata.var_names) == set(table.var_names) and adata.n_vars == table.n_vars
     other_layers = []
     for key, where in found.items():
@@ -651,36 +762,58 @@ def _write_into(
     written = [key for key in found if key not in other_layers]
     logger.info("table %r: wrote %s", table_key, written)
     if not other_layers:
-        return
+        return []
     name = predicted_table_key or f"{table_key}_rankbygene"
-    attrs = table.uns[SPATIALDATA_ATTRS_KEY]
-    obs = table.obs.iloc[rows][[attrs["region_key"], attrs["instance_key"]]].copy()
-    obs.index = adata.obs_names.astype(str)
-    first = _dense(_values(adata, other_layers[0], "layers")).astype(np.float32)
-    predicted = AnnData(X=first, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
-    for key in other_layers:
-        predicted.layers[key] = _dense(_values(adata, key, "layers"))
-    for key, where in found.items():
-        if where == "obsm":
-            predicted.obsm[key] = _dense(_values(adata, key, where))
-    if UNS_KEY in adata.uns:
-        predicted.uns[UNS_KEY] = adata.uns[UNS_KEY]
-    regions = list(pd.unique(obs[attrs["region_key"]].astype(str)))
-    # the region column must list only the regions present, as categories
-    predicted.obs[attrs["region_key"]] = pd.Categorical(
-        obs[attrs["region_key"]].astype(str), categories=regions
-    )
-    sdata.tables[name] = TableModel.parse(
-        predicted,
-        region=regions if len(regions) > 1 else regions[0],
-        region_key=attrs["region_key"],
-        instance_key=attrs["instance_key"],
-    )
+    # the layers over other genes, with the embeddings beside them
+    results = {k: w for k, w in found.items() if w == "obsm" or k in other_layers}
+    sdata.tables[name] = _results_table(adata, table, rows, results)
     logger.info(
         "adata's genes differ from table %r's: wrote %s to new table %r",
         table_key,
         other_layers,
         name,
+    )
+    return [name]
+
+
+def _results_table(
+    adata: AnnData, table: AnnData, rows: np.ndarray, found: dict[str, str]
+) -> AnnData:
+    """A table of ``adata``'s rows and results, annotating the shapes that ``table`` annotates.
+
+    Layers go to ``layers`` (the first also to ``X``) over ``adata``'s genes, ``obsm`` entries
+    to ``obsm``, ``obs`` columns to ``obs``, beside the table's region and instance columns.
+    """
+    from spatialdata.models import TableModel
+
+    attrs = table.uns[SPATIALDATA_ATTRS_KEY]
+    region_key, instance_key = attrs["region_key"], attrs["instance_key"]
+    obs = table.obs.iloc[rows][[region_key, instance_key]].copy()
+    obs.index = adata.obs_names.astype(str)
+    layers = [key for key, where in found.items() if where == "layers"]
+    results = AnnData(
+        X=_dense(_values(adata, layers[0], "layers")).astype(np.float32) if layers else None,
+        obs=obs,
+        var=pd.DataFrame(index=adata.var_names.astype(str)) if layers else None,
+    )
+    for key, where in found.items():
+        values = _values(adata, key, where)
+        if where == "layers":
+            results.layers[key] = _dense(values)
+        elif where == "obsm":
+            results.obsm[key] = _dense(values)
+        else:
+            results.obs[key] = values.to_numpy()
+    if UNS_KEY in adata.uns:
+        results.uns[UNS_KEY] = adata.uns[UNS_KEY]
+    regions = list(pd.unique(obs[region_key].astype(str)))
+    # the region column must list only the regions present, as categories
+    results.obs[region_key] = pd.Categorical(obs[region_key].astype(str), categories=regions)
+    return TableModel.parse(
+        results,
+        region=regions if len(regions) > 1 else regions[0],
+        region_key=region_key,
+        instance_key=instance_key,
     )
 
 
@@ -735,7 +868,14 @@ def _new_spatialdata(
             name = f"{library}_full_image" if scale == 1.0 else f"{library}_{key}_image"
             transform = Identity() if scale == 1.0 else Scale([1 / scale] * 2, axes=("y", "x"))
             dims = ("y", "x", "c") if array.ndim == 3 else ("y", "x")
-            images[name] = Image2DModel.parse(array, dims=dims, transformations={system: transform})
+            images[name] = Image2DModel.parse(
+                array,
+                dims=dims,
+                transformations={system: transform},
+                scale_factors=pyramid_factors(array.shape[:2]) or None,
+                chunks={"c": array.shape[2] if array.ndim == 3 else 1}
+                | {"y": IMAGE_CHUNK_PX, "x": IMAGE_CHUNK_PX},
+            )
     table = AnnData(
         X=adata.X,
         obs=adata.obs.copy(),
@@ -744,10 +884,9 @@ def _new_spatialdata(
         obsm=dict(adata.obsm),
         uns={key: value for key, value in adata.uns.items() if not key.startswith("_scvi")},
     )
-    region_key = library_key if library_key is not None else "region"
-    if region_key not in table.obs:
-        table.obs[region_key] = libraries
-    table.obs[region_key] = pd.Categorical(table.obs[region_key].astype(str), categories=names)
+    # one library: no column was needed to find it; squidpy's name holds it in the table
+    region_key = library_key if library_key is not None else LIBRARY_ID_KEY
+    table.obs[region_key] = pd.Categorical(libraries.astype(str), categories=names)
     table.obs[instance_key] = instances
     # lazy full-resolution images live in the image elements; the table keeps the thumbnails
     table.uns[SPATIAL_KEY] = {
@@ -804,6 +943,21 @@ def _check_element_names(names: Sequence[str], what: str, where: str = "") -> No
                 "stores each element in a folder of its name, which some file systems do not "
                 "tell apart."
             )
+
+
+def pyramid_factors(shape: tuple[int, int], smallest: int = IMAGE_CHUNK_PX) -> list[int]:
+    """Scale factors of a multiscale image: halving until the long side is at most ``smallest``.
+
+    Examples
+    --------
+    >>> pyramid_factors((5000, 3000)), pyramid_factors((800, 600))
+    ([2, 2, 2], [])
+    """
+    factors, side = [], max(int(s) for s in shape)
+    while side > smallest:
+        factors.append(2)
+        side = -(-side // 2)
+    return factors
 
 
 def _sharpest_image(entry: Mapping[str, Any], library: str) -> tuple[str, Any, float] | None:

@@ -60,8 +60,9 @@ class WSIDataImage(ImageReader):
     ----------
     wsi
         The slide, e.g. ``wsidata.open_wsi("slide.svs")``. Slides whose pyramid levels are in
-        SubIFDs (as :func:`rankbygene.io.write_pyramidal_tiff` writes them) need
-        ``reader="tiffslide"``: OpenSlide sees only their full-resolution level.
+        SubIFDs (OME-TIFF, some QuPath exports) need ``reader="tiffslide"``: OpenSlide sees only
+        their full-resolution level. :func:`rankbygene.io.write_pyramidal_tiff` keeps its levels
+        as pages, which every reader sees.
     mpp
         Microns per full-resolution pixel, overriding the slide's.
 
@@ -120,6 +121,7 @@ class TileBoxes(NamedTuple):
     stride: int
     names: np.ndarray
     columns: dict[str, np.ndarray]
+    read_downsample: float | None = None
 
 
 def table_boxes(wsi: Any, tile_key: str) -> TileBoxes:
@@ -135,8 +137,9 @@ def table_boxes(wsi: Any, tile_key: str) -> TileBoxes:
     Returns
     -------
     :class:`TileBoxes`: grid rows and columns (from the tiles' corners and the stride), corners,
-    side and stride (the table's ``TileSpec`` when it has one), names (``tile_id`` or position)
-    and the ``tile_id``/``tissue_id`` columns.
+    side and stride (the table's ``TileSpec`` when it has one), names (``tile_id`` or position),
+    the ``tile_id``/``tissue_id`` columns and the downsample of the pyramid level the spec reads
+    the tiles from (``None`` without a spec).
 
     Examples
     --------
@@ -172,4 +175,9 @@ def table_boxes(wsi: Any, tile_key: str) -> TileBoxes:
     cols = (x0 - x0.min()) // stride
     columns = {c: table[c].to_numpy() for c in ("tile_id", "tissue_id") if c in table.columns}
     names = columns.get("tile_id", np.arange(len(table)))
-    return TileBoxes(tile_key, rows, cols, x0, y0, side, stride, np.asarray(names), columns)
+    read_downsample = None
+    if spec is not None:  # LazySlide's feature extraction reads the tiles at this level
+        read_downsample = float(wsi.properties.level_downsample[int(spec.ops_level)])
+    return TileBoxes(
+        tile_key, rows, cols, x0, y0, side, stride, np.asarray(names), columns, read_downsample
+    )

@@ -70,11 +70,15 @@ class FeatureExtractor(nn.Module):
 
     Pass it to ``lazyslide.tl.feature_extraction``: LazySlide reads the tiles of a ``WSIData``
     through its reader, the extractor resizes them to the model's ``input_size`` and normalises
-    them as the package does, so that the features equal
-    :meth:`~RankByGene.get_image_representation` of the same tiles (e.g. those of
-    ``rbg.pp.tile_slide(wsi, tile_key="tiles")``, read at the same pyramid level). It shares the
-    model's weights (moving it to a device moves the model). Needs the ``wsi`` extra only to be
-    used with LazySlide.
+    them as the package does, so that the features equal, within 1e-3,
+    :meth:`~RankByGene.get_image_representation` of the same tiles,
+    ``rbg.pp.tile_slide(wsi, tile_key="tiles")``: those are read from the pyramid level the
+    tile spec reads (not the coarsest level that suffices for the encoder's input, which holds
+    other pixels). The features equal when the spec reads its tiles without rescaling them
+    (``tile_tissues`` without ``mpp``, or at an ``mpp`` of one of the slide's levels);
+    otherwise LazySlide rescales each tile first (OpenCV's area average). It shares the model's
+    weights (moving it to a device moves the model). Needs the ``wsi`` extra only to be used
+    with LazySlide.
 
     Parameters
     ----------

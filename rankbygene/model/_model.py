@@ -13,21 +13,24 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField, ObsmField
 from scvi.model.base import BaseModelClass
-from scvi.train import TrainRunner
 from torch import nn
 
 from rankbygene._constants import SPATIAL_KEY
+from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key
+from rankbygene._logging import quiet_scvi_info
 from rankbygene.data import ImageSettings
 from rankbygene.model._data import FEATURES_REGISTRY_KEY, SPATIAL_REGISTRY_KEY
 from rankbygene.model._encoders import create_backbone
 from rankbygene.model._module import RankByGeneModule
 from rankbygene.model._prediction_mixin import PredictionMixin
 from rankbygene.model._representation_mixin import RepresentationMixin
+from rankbygene.model._runner import RankByGeneTrainRunner
 from rankbygene.model._save_load_mixin import SaveLoadMixin
 from rankbygene.model._setup import validate_setup
 from rankbygene.model._training_mixin import TrainingMixin
 from rankbygene.model._training_plan import RankByGeneTrainingPlan
+from rankbygene.model._unsupported import Unsupported, visible_members
 
 
 class RankByGene(
@@ -107,7 +110,25 @@ class RankByGene(
 
     _module_cls = RankByGeneModule
     _training_plan_cls = RankByGeneTrainingPlan
-    _train_runner_cls = TrainRunner
+    _train_runner_cls = RankByGeneTrainRunner
+
+    # scvi-tools' methods for generative models of expression raise NotImplementedError here;
+    # hidden, with what to use instead, so that they show neither in dir() nor in the docs
+    get_normalized_expression = Unsupported(
+        "predict_expression (expression predicted from the image, log-normalised)"
+    )
+    get_normalized_function_name = Unsupported("predict_expression")
+    differential_abundance = Unsupported(
+        "scanpy on the embedding (sc.pp.neighbors(adata, use_rep='X_rankbygene'))"
+    )
+
+    def __dir__(self) -> list[str]:
+        return visible_members(self)
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
+        # a new AnnData is set up from the model's registry: scvi-tools' INFO lines stay quiet
+        with quiet_scvi_info():
+            return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def __init__(
         self,
@@ -230,6 +251,7 @@ class RankByGene(
 
     # -- setup ----------------------------------------------------------------------------
     @classmethod
+    @d.dedent
     def setup_anndata(
         cls,
         adata: AnnData,
@@ -253,14 +275,11 @@ class RankByGene(
 
         Parameters
         ----------
-        adata
-            AnnData in the scanpy/squidpy spatial layout.
-        layer
-            Layer with the expression (raw counts unless ``is_log_normalized``); ``None``: ``X``.
-        library_key
-            ``obs`` column naming each spot's library. ``None`` with several libraries: the
-            column whose values are library ids of ``uns["spatial"]`` (``library_id`` when
-            several qualify), logged at INFO level.
+        %(adata)s
+        %(layer)s
+            Raw counts unless ``is_log_normalized``.
+        %(library_key)s
+            The column found is recorded, and the model's methods use it.
         spatial_key
             ``obsm`` key of the spot centres in full-resolution pixels.
         image_key
@@ -305,7 +324,7 @@ class RankByGene(
         if features_key is not None:
             fields.append(ObsmField(FEATURES_REGISTRY_KEY, features_key))
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_scvi_info():
             warnings.filterwarnings("ignore", message=".*not contain count data.*")
             adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)

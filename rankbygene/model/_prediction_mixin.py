@@ -13,7 +13,8 @@ from scipy import sparse
 from torch import nn
 
 from rankbygene import __version__
-from rankbygene._constants import PREDICTED_LAYER_KEY, SPATIAL_KEY, UNS_KEY
+from rankbygene._constants import PREDICTED_LAYER_KEY, UNS_KEY
+from rankbygene._docs import d
 from rankbygene._layout import (
     spatial_coordinates,
     spot_libraries,
@@ -33,12 +34,13 @@ class PredictionMixin:
     """``predict_expression`` of :class:`~rankbygene.model.RankByGene`."""
 
     @torch.inference_mode()
+    @d.dedent
     def predict_expression(
         self,
         adata: AnnData | None = None,
         method: PredictionMethod = "ridge",
         reference: AnnData | None = None,
-        layer_added: str = PREDICTED_LAYER_KEY,
+        key_added: str = PREDICTED_LAYER_KEY,
         k: int = 50,
         representation: Literal["embedding", "backbone"] = "embedding",
         library_key: str | None = None,
@@ -47,14 +49,29 @@ class PredictionMixin:
         alpha: float | None = None,
         n_components: int | None = None,
         neighbor_context: int = 0,
+        copy: bool = False,
+        layer_added: str | None = None,
         precision: str | None = None,
     ) -> AnnData | None:
         """Predict each spot's expression of the model's genes from its image alone.
 
+        As scanpy's functions: ``copy=False`` writes ``layers[key_added]`` and
+        ``uns["rankbygene"]`` into ``adata`` and returns ``None``; ``copy=True`` leaves
+        ``adata`` unchanged and returns a new AnnData with them.
+
+        The genes rule: the prediction covers the model's genes. With ``copy=False``, ``adata``
+        must have exactly those genes (in any order; the layer follows ``adata``'s order).
+        An AnnData with other genes, or none (an image-only AnnData such as the tiles of
+        :func:`~rankbygene.pp.tile_slide`), takes ``copy=True``; ``copy=False`` then raises,
+        naming the genes that differ, before any work. With ``copy=True``, the new AnnData is
+        a copy of ``adata`` when it has the model's genes; otherwise it has ``adata``'s
+        ``obs``, ``obsm`` and ``uns``, the model's genes as ``var`` and the prediction in ``X``
+        too.
+
         Parameters
         ----------
-        adata
-            Query AnnData with spots and images (expression not needed); default: the model's.
+        %(adata_model)s
+            Spots with images; expression is not needed.
         method
             ``"ridge"``: ridge regression on frozen teacher representations of the reference
             spots (closed form, the HEST-benchmark protocol); ``"knn"``: the ``k`` reference
@@ -63,18 +80,16 @@ class PredictionMixin:
         reference
             Spots with images and expression to fit on or retrieve from; default: the model's
             training spots. Must have the model's genes in the layer used at setup.
-        layer_added
-            Layer name of the prediction.
+        %(key_added)s
+            In ``layers``.
         k
             Neighbours for ``"knn"``.
         representation
             Teacher features for ``"ridge"``/``"mlp"``: the projected ``"embedding"`` or the
             ``"backbone"`` features.
-        library_key
-            ``obs`` column of libraries in ``adata`` (default: the setup one, when present).
-        batch_size, num_workers
-            For the image forward passes (default: chosen from the machine, as in
-            :meth:`get_image_representation`).
+        %(library_key_model)s
+        %(batch_size)s
+        %(num_workers)s
         alpha
             Ridge penalty; ``None`` chooses it on a wide grid by leave-one-library-out
             cross-validation (mean Pearson r) when the reference has several libraries, else by
@@ -86,25 +101,40 @@ class PredictionMixin:
             For ``"ridge"``/``"mlp"``: append to each spot's features the mean features of its
             ``neighbor_context`` nearest spots on the same slide (image only, as TRIPLEX);
             ``0``: off.
+        %(copy)s
+        layer_added
+            Deprecated name of ``key_added`` (a ``FutureWarning``; removed in the next
+            release).
         precision
             Of the image forward passes, as in :meth:`get_image_representation` (default:
             bf16-mixed on GPUs with bf16, else float32); the read-out always fits in float32.
 
         Returns
         -------
-        ``None`` when ``adata`` has exactly the model's genes: the prediction is written to
-        ``adata.layers[layer_added]`` and its provenance to ``adata.uns["rankbygene"]``.
-        Otherwise (an image-only AnnData) a new AnnData with the same ``obs``, ``obsm`` and
-        ``uns`` and the model's genes as ``var``, the prediction in ``X`` and
-        ``layers[layer_added]``; a query that has genes, but not exactly the model's, gets
-        the new AnnData too, with a ``UserWarning`` saying how its genes differ. Values are
-        log-normalised: ``log1p(counts / total * 1e4)`` with the total over the model's genes.
+        ``None`` (``copy=False``: written into ``adata``) or the new AnnData (``copy=True``),
+        with ``layers[key_added]``, the prediction, and ``uns["rankbygene"]``, its provenance.
+        Values are log-normalised: ``log1p(counts / total * 1e4)`` with the total over the
+        model's genes.
 
         Examples
         --------
         >>> model.predict_expression(new_adata)                   # layers["rankbygene_predicted"]
-        >>> predicted = model.predict_expression(image_only_adata, method="knn", k=20)
+        >>> tiles = rbg.pp.tile_slide("slide.svs")
+        >>> predicted = model.predict_expression(tiles, copy=True)  # the model's genes as var
         """
+        if layer_added is not None:
+            if key_added not in (PREDICTED_LAYER_KEY, layer_added):
+                raise ValueError(
+                    f"key_added={key_added!r} and layer_added={layer_added!r} disagree; "
+                    "pass key_added only (layer_added is deprecated)."
+                )
+            warnings.warn(
+                "predict_expression(layer_added=...) is deprecated and will be removed in the "
+                "next release: use key_added=... (as scanpy's functions).",
+                FutureWarning,
+                stacklevel=3,  # the user's call, past torch.inference_mode's wrapper
+            )
+            key_added = layer_added
         if method not in ("ridge", "knn", "mlp"):
             raise ValueError(f"method must be 'ridge', 'knn' or 'mlp'; got {method!r}.")
         if representation not in ("embedding", "backbone"):
@@ -115,6 +145,13 @@ class PredictionMixin:
         if query is None:
             raise ValueError("This model has no AnnData attached: pass adata.")
         genes = self._gene_panel()
+        same_genes = (
+            query.n_vars == len(genes)
+            and query.var_names.is_unique
+            and set(query.var_names) == set(genes)
+        )
+        if not same_genes and not copy:
+            raise ValueError(gene_mismatch_message(list(query.var_names), genes, key_added))
         ref_adata, ref_idx = self._reference(reference)
         ref_expression = self._reference_expression(ref_adata, ref_idx, genes)
         if method == "knn" and k > len(ref_idx):
@@ -168,7 +205,7 @@ class PredictionMixin:
                 predictor = MlpPredictor().fit(ref_features, ref_expression)
         predicted = predictor.predict(query_features)
         provenance = {
-            "layer": layer_added,
+            "layer": key_added,
             "method": method,
             "representation": representation if method != "knn" else "embedding",
             "k": k if method == "knn" else None,
@@ -184,39 +221,32 @@ class PredictionMixin:
                 else f"log1p(counts / total over the model's genes * {self.module.target_sum:g})"
             ),
         }
-        same_genes = query.n_vars == len(genes) and set(query.var_names) == set(genes)
-        if same_genes:
-            order = pd.Index(genes).get_indexer(query.var_names)
-            query.layers[layer_added] = predicted[:, order]
-            record_provenance(query, self, provenance)
-            logger.info("added layers[%r] and uns[%r]", layer_added, UNS_KEY)
-            return None
-        out = AnnData(
-            X=predicted,
-            obs=query.obs.copy(),
-            var=pd.DataFrame(index=pd.Index(genes, name=None)),
-            obsm={key: np.asarray(value).copy() for key, value in query.obsm.items()},
-            uns={key: value for key, value in query.uns.items() if not key.startswith("_scvi")},
-        )
-        out.layers[layer_added] = predicted
-        record_provenance(out, self, provenance)
-        if query.n_vars:
-            # a query with genes expects the prediction in its own layers; say why it is not
-            warnings.warn(
-                gene_mismatch_message(list(query.var_names), genes, layer_added),
-                UserWarning,
-                stacklevel=3,  # the user's call, past torch.inference_mode's wrapper
+        if copy and same_genes:
+            out = query.copy()
+        elif copy:
+            out = AnnData(
+                X=predicted,
+                obs=query.obs.copy(),
+                var=pd.DataFrame(index=pd.Index(genes, name=None)),
+                obsm={key: np.asarray(value).copy() for key, value in query.obsm.items()},
+                uns={k: v for k, v in query.uns.items() if not k.startswith("_scvi")},
             )
         else:
-            logger.info("image-only query: returned a new AnnData with layers[%r]", layer_added)
-        return out
+            out = query
+        order = pd.Index(genes).get_indexer(out.var_names)
+        out.layers[key_added] = predicted[:, order]
+        record_provenance(out, self, provenance)
+        logger.info(
+            "added layers[%r] and uns[%r]%s",
+            key_added,
+            UNS_KEY,
+            " to a new AnnData of the model's genes" if copy and not same_genes else "",
+        )
+        return out if copy else None
 
     def _libraries(self, adata: AnnData, library_key: str | None) -> np.ndarray:
         """Each spot's library: ``library_key``, else the setup key where ``adata`` has it."""
-        library_key = self.image_settings.library_column(adata, library_key)
-        if library_key is None and len(adata.uns.get(SPATIAL_KEY, {})) > 1:
-            return np.zeros(adata.n_obs, dtype=str)  # unknown: one group, no library-wise CV
-        return spot_libraries(adata, library_key)
+        return spot_libraries(adata, self.image_settings.library_column(adata, library_key))
 
     def _reference(self, reference: AnnData | None) -> tuple[AnnData, np.ndarray]:
         if reference is None:
@@ -251,8 +281,8 @@ class PredictionMixin:
         return self.module.log_normalize(tensor).cpu().numpy()
 
 
-def gene_mismatch_message(query_genes: list[str], model_genes: list[str], layer: str) -> str:
-    """Why a query with genes got a new AnnData: how its genes differ from the model's.
+def gene_mismatch_message(query_genes: list[str], model_genes: list[str], key_added: str) -> str:
+    """Why ``copy=False`` cannot write the prediction: how the query's genes differ.
 
     Parameters
     ----------
@@ -260,20 +290,37 @@ def gene_mismatch_message(query_genes: list[str], model_genes: list[str], layer:
         The query's ``var_names``.
     model_genes
         The model's gene panel.
-    layer
+    key_added
         The layer of the prediction.
 
     Returns
     -------
-    A message naming the missing, extra and repeated genes and what was returned.
+    A message naming the missing, extra and repeated genes and what to do.
+
+    Examples
+    --------
+    >>> gene_mismatch_message([], ["A", "B"], "rankbygene_predicted")[:40]
+    'adata has no genes (an image-only AnnData'
     """
+    n_model = len(model_genes)
+    todo = (
+        f"pass copy=True to get a new AnnData with the model's {n_model} genes (the "
+        f"prediction in X and layers[{key_added!r}]), or subset adata to the model's genes "
+        "(adata[:, model.adata.var_names])."
+    )
+    if not query_genes:
+        return (
+            "adata has no genes (an image-only AnnData, such as whole-slide tiles), so "
+            f"layers[{key_added!r}] cannot be written into it: pass copy=True to get a new "
+            f"AnnData with the model's {n_model} genes."
+        )
     query_set, model_set = set(query_genes), set(model_genes)
     missing = [g for g in model_genes if g not in query_set]
     extra = [g for g in dict.fromkeys(query_genes) if g not in model_set]
     parts = []
     if missing:
         parts.append(
-            f"{len(missing)} of the model's {len(model_genes)} genes are missing from it "
+            f"{len(missing)} of the model's {n_model} genes are missing from it "
             f"(e.g. {missing[:3]})"
         )
     if extra:
@@ -283,16 +330,9 @@ def gene_mismatch_message(query_genes: list[str], model_genes: list[str], layer:
     repeated = len(query_genes) - len(query_set)
     if repeated:
         parts.append(f"{repeated} of its gene names repeat")
-    hint = (
-        ""
-        if missing
-        else " Subset it to the model's genes to get the prediction in its own layers."
-    )
     return (
-        "The query's genes differ from the model's: "
-        + "; ".join(parts)
-        + f". The prediction was returned as a new AnnData with the model's {len(model_genes)} "
-        f"genes (X and layers[{layer!r}]); the query was left unchanged.{hint}"
+        f"adata's genes differ from the model's, so layers[{key_added!r}] cannot be written "
+        "into it: " + "; ".join(parts) + ". " + todo[0].upper() + todo[1:]
     )
 
 

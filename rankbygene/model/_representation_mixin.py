@@ -11,7 +11,9 @@ from anndata import AnnData
 from scipy import sparse
 from scvi import REGISTRY_KEYS, settings
 
+from rankbygene._docs import d
 from rankbygene._precision import inference_autocast
+from rankbygene._progress import progress_bar
 from rankbygene.data import normalize_batch
 from rankbygene.model._data import image_loader
 from rankbygene.model._setup import check_var_names
@@ -24,6 +26,7 @@ class RepresentationMixin:
     """Image and gene embeddings of :class:`~rankbygene.model.RankByGene`."""
 
     @torch.inference_mode()
+    @d.dedent
     def get_image_representation(
         self,
         adata: AnnData | None = None,
@@ -49,17 +52,12 @@ class RepresentationMixin:
             the AnnData of the model.
         indices
             Spots to embed (default: all).
-        batch_size
-            Spots per forward pass (default: ``scvi.settings.batch_size``, at least 256 on a GPU).
+        %(batch_size)s
         kind
             ``"embedding"``: the L2-normalised projected embedding (``n_latent``);
             ``"backbone"``: the backbone features.
-        library_key
-            ``obs`` column of libraries in ``adata`` (default: the one given at setup when
-            ``adata`` has it).
-        num_workers
-            DataLoader workers reading patches while the encoder runs (default: one per spare
-            CPU core, up to 8, on Linux for more than two batches; otherwise none).
+        %(library_key_model)s
+        %(num_workers)s
         out_of_bounds
             Patches leaving the image are padded (default) or raise.
         progress
@@ -105,8 +103,6 @@ class RepresentationMixin:
     def _embed_batches(
         self, loader, kind: str, progress: bool | None, precision: str | None
     ) -> np.ndarray:
-        from tqdm.auto import tqdm
-
         module = self.module
         module.eval()
         device = self.device
@@ -118,7 +114,7 @@ class RepresentationMixin:
             module.teacher_backbone.to(memory_format=torch.channels_last)
         settings = self.image_settings
         outputs, pending = [], []
-        for batch in tqdm(loader, desc="Embedding", disable=not show, unit="batch"):
+        for batch in progress_bar(loader, desc="Embedding", disable=not show, unit="batch"):
             images = batch[key].to(device, non_blocking=True)
             if images.dtype == torch.uint8:  # patches travel as uint8, normalised here
                 images = normalize_batch(images, settings.mean, settings.std)
@@ -195,4 +191,46 @@ class RepresentationMixin:
                     "column_names", []
                 )
             ]
+        )
+
+    @d.dedent
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        library_key: str | None = None,
+        num_workers: int | None = None,
+    ) -> np.ndarray:
+        """The latent space of scvi-tools models: here the image representation.
+
+        The L2-normalised teacher image embedding of each spot's patch, the same array as
+        :meth:`get_image_representation` with ``kind="embedding"``: the representation that
+        works on slides without spatial transcriptomics. The gene side is
+        :meth:`get_gene_representation`.
+
+        Parameters
+        ----------
+        %(adata_model)s
+        indices
+            Spots to embed (default: all).
+        %(batch_size)s
+        %(library_key_model)s
+        %(num_workers)s
+
+        Returns
+        -------
+        ``(n_spots, n_latent)`` float32 array; store it as ``adata.obsm["X_rankbygene"]``.
+
+        Examples
+        --------
+        >>> adata.obsm["X_rankbygene"] = model.get_latent_representation()
+        >>> sc.pp.neighbors(adata, use_rep="X_rankbygene")
+        """
+        return self.get_image_representation(
+            adata,
+            indices=indices,
+            batch_size=batch_size,
+            library_key=library_key,
+            num_workers=num_workers,
         )

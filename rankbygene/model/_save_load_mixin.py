@@ -10,6 +10,7 @@ from typing import Any, Self
 import torch
 from anndata import AnnData
 
+from rankbygene._logging import quiet_scvi_info
 from rankbygene.model._checkpoint import (
     StateMismatchError,
     check_finite_state,
@@ -112,14 +113,15 @@ class SaveLoadMixin:
         if adata is not None:
             check_var_names(adata, saved["var_names"])
         try:
-            return super().load(
-                str(dir_path),
-                adata=adata,
-                accelerator=accelerator,
-                device=device,
-                prefix=prefix,
-                **kwargs,
-            )
+            with quiet_scvi_info():  # "File model.pt already downloaded" and setup lines
+                return super().load(
+                    str(dir_path),
+                    adata=adata,
+                    accelerator=accelerator,
+                    device=device,
+                    prefix=prefix,
+                    **kwargs,
+                )
         except StateMismatchError as err:
             raise StateMismatchError(
                 f"The weights in {saved['path']} do not fit the model that its saved settings "

@@ -12,17 +12,18 @@ from matplotlib.axes import Axes
 
 from rankbygene._constants import (
     COUNTS_LAYER_KEY,
-    LIBRARY_ID_KEY,
     LOWRES_IMAGE_KEY,
     PREDICTED_LAYER_KEY,
     SPATIAL_KEY,
 )
-from rankbygene._layout import spot_libraries
+from rankbygene._docs import d
+from rankbygene._layout import resolve_library_key, spot_libraries
 from rankbygene._logging import quiet_third_party_imports
 from rankbygene._metrics import log_normalize, pearson_per_gene
 from rankbygene.pl._utils import new_axes, show_or_save
 
 
+@d.dedent
 def expression_maps(
     adata: AnnData,
     genes: str | Sequence[str],
@@ -58,8 +59,7 @@ def expression_maps(
         ST), only the predicted column is drawn.
     library_id
         Library to draw (default: the first).
-    library_key
-        ``obs`` column of libraries (with several; default ``"library_id"`` when present).
+    %(library_key)s
     img_res_key
         Image of ``uns["spatial"][library_id]["images"]`` underneath.
     cmap
@@ -266,8 +266,7 @@ def _one_library(
     spatial = adata.uns.get(SPATIAL_KEY, {})
     if not spatial:
         raise KeyError(f"adata.uns[{SPATIAL_KEY!r}] is missing: no image to draw on.")
-    if library_key is None and len(spatial) > 1 and LIBRARY_ID_KEY in adata.obs:
-        library_key = LIBRARY_ID_KEY  # squidpy's usual column
+    library_key = resolve_library_key(adata, library_key)
     libraries = None if library_key is None else spot_libraries(adata, library_key)
     if library_id is None:
         library_id = str(libraries[0]) if libraries is not None else next(iter(spatial))
@@ -276,10 +275,6 @@ def _one_library(
             f"Library {library_id!r} not in adata.uns[{SPATIAL_KEY!r}] ({list(spatial)})."
         )
     if libraries is None:
-        if len(spatial) > 1:
-            raise ValueError(
-                f"adata has {len(spatial)} libraries: pass library_key (and library_id)."
-            )
         return adata, library_id
     return adata[libraries == library_id], library_id
 

@@ -11,7 +11,8 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 
 from rankbygene._constants import IMAGE_EMBEDDING_KEY, RANK_CONSISTENCY_KEY
-from rankbygene._layout import spot_libraries
+from rankbygene._docs import d
+from rankbygene._layout import resolve_library_key, spot_libraries
 from rankbygene.pl._utils import new_axes, show_or_save
 from rankbygene.tl._rank_consistency import (
     candidate_similarities,
@@ -24,6 +25,7 @@ from rankbygene.tl._rank_consistency import (
 )
 
 
+@d.dedent
 def rank_consistency(
     adata: AnnData,
     model=None,
@@ -57,8 +59,9 @@ def rank_consistency(
         the per-spot consistency, from the least to the most consistent.
     n_anchors
         Anchors chosen when ``anchors`` is None.
-    use_rep, gene_rep, layer, n_neighbors, library_key
+    use_rep, gene_rep, layer, n_neighbors
         As in :func:`rankbygene.tl.rank_consistency`.
+    %(library_key)s
     ncols
         Panels per row.
     show, save
@@ -72,6 +75,7 @@ def rank_consistency(
     --------
     >>> rbg.pl.rank_consistency(test, model=model, library_key="library_id")
     """
+    library_key = resolve_library_key(adata, library_key)
     light = AnnData(
         obs=adata.obs[[library_key]] if library_key else pd.DataFrame(index=adata.obs_names)
     )
@@ -103,7 +107,7 @@ def rank_consistency(
     fig, axes = new_axes(len(anchors) + 1, ncols, (3.3, 3.0))
     image = unit_rows(np.asarray(light.obsm[use_rep], dtype=np.float64))
     gene = unit_rows(gene)
-    libraries = spot_libraries(adata, library_key or None, default="all")
+    libraries = spot_libraries(adata, library_key, default="all")
     for ax, name in zip(axes, anchors, strict=False):
         i = adata.obs_names.get_loc(name)
         rows = np.flatnonzero(libraries == libraries[i])

@@ -25,6 +25,7 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     SPATIALDATA_ATTRS_KEY,
 )
+from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
 
@@ -38,6 +39,7 @@ _PITCH_TOLERANCE = 0.1
 _PITCH_SAMPLE = 10_000  # bins whose nearest neighbour is looked for, at most
 
 
+@d.dedent
 def aggregate_bins(
     adata: AnnData,
     size_um: float,
@@ -83,9 +85,8 @@ def aggregate_bins(
     size_um
         Side of a pseudo-spot in microns: a whole multiple of the bin size (e.g. 32 or 48 um
         from 8 um bins; 56 um is the nearest to a Visium spot's 55 um).
-    library_key
-        ``obs`` column naming each bin's library; found as ``setup_anndata`` finds it when
-        ``None``. Bins of different libraries are never summed together.
+    %(library_key)s
+        Bins of different libraries are never summed together.
     bin_size_um
         Bin side in microns, for libraries whose ``scalefactors`` lack ``bin_size_um``; where
         they record it, the two must agree.
@@ -121,7 +122,7 @@ def aggregate_bins(
     >>> spots = rbg.pp.aggregate_bins(bins, size_um=32)
     >>> int(spots.obs["n_bins"].max())
     16
-    >>> spots.uns["spatial"]["synthetic_hd_square_008um"]["scalefactors"]["bin_size_um"]
+    >>> spots.uns["spatial"]["synthetic_hd"]["scalefactors"]["bin_size_um"]
     32.0
     """
     if isinstance(min_bins, bool) or not isinstance(min_bins, int | np.integer) or min_bins < 1:

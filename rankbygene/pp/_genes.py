@@ -14,6 +14,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from rankbygene._constants import PANEL_KEY
+from rankbygene._docs import d
 from rankbygene._logging import logger
 from rankbygene.pp._normalize import (
     check_counts,
@@ -129,16 +130,22 @@ def _highly_variable(adata: AnnData, x, n_top: int) -> np.ndarray | None:
     return np.flatnonzero(hv)
 
 
+@d.dedent
 def select_genes(
     adata: AnnData,
     n_top: int = 250,
     flavor: Literal["heg", "hvg"] = "heg",
     genes: Sequence[str] | str | os.PathLike | None = None,
     layer: str | None = None,
-    subset: bool = True,
+    subset: bool = False,
+    inplace: bool = True,
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | pd.DataFrame | None:
     """Choose the gene panel that the model is trained on.
+
+    As :func:`scanpy.pp.highly_variable_genes`: the panel is marked in
+    ``var["rankbygene_panel"]`` (bool), and ``adata`` is subset to it only with ``subset=True``
+    (what training needs: the model's genes are ``var_names`` at setup).
 
     Three ways to choose:
 
@@ -157,27 +164,29 @@ def select_genes(
 
     Parameters
     ----------
-    adata
-        Annotated data matrix with raw counts in ``layer`` (or ``X``).
+    %(adata)s
+        Raw counts in ``layer`` (or ``X``); no spatial layout needed.
     n_top
         Number of genes to keep for ``"heg"`` and ``"hvg"``; capped at ``adata.n_vars``.
     flavor
         ``"heg"`` (highly expressed) or ``"hvg"`` (highly variable).
     genes
         Explicit panel: a sequence of gene names or a path to a text file.
-    layer
-        Layer holding the counts; ``None`` uses ``adata.X``.
+    %(layer)s
+        Raw counts.
     subset
-        Subset ``adata`` to the panel in place (as :func:`scanpy.pp.filter_genes` does). Otherwise
-        mark it in ``adata.var["rankbygene_panel"]`` (bool) and keep all genes.
-    copy
-        Return a modified copy instead of changing ``adata``.
+        Also subset ``adata`` to the panel (in the AnnData's order for ``"heg"``/``"hvg"``, in
+        the list's order for ``genes``). Default: mark it only, keeping every gene.
+    inplace
+        ``False``: change nothing and return the mark as a DataFrame (as scanpy's
+        ``highly_variable_genes(inplace=False)``).
+    %(copy)s
 
     Returns
     -------
-    ``None``, or a copy of ``adata`` when ``copy=True``. With ``subset=True`` the genes are the
-    panel (in the AnnData's order for ``"heg"``/``"hvg"``, in the list's order for ``genes``);
-    with ``subset=False``, ``var["rankbygene_panel"]`` marks them.
+    ``None`` (written into ``adata``), a copy of ``adata`` with ``copy=True``, or with
+    ``inplace=False`` a DataFrame indexed by ``var_names`` with the bool column
+    ``"rankbygene_panel"``. Written: ``var["rankbygene_panel"]`` (all ``True`` once subset).
 
     Raises
     ------
@@ -187,21 +196,27 @@ def select_genes(
         If ``genes`` is a path that does not exist.
     ValueError
         If ``n_top < 1``, ``flavor`` is unknown, the counts are empty or contain NaN or negative
-        values, or none of the listed genes is in ``adata``.
+        values, none of the listed genes is in ``adata``, or ``copy=True`` with
+        ``inplace=False``.
 
     Examples
     --------
     >>> import rankbygene as rbg
     >>> adata = rbg.datasets.synthetic(n_slides=1, n_spots=100, n_genes=100)
     >>> rbg.pp.select_genes(adata, n_top=50)
+    >>> adata.n_vars, int(adata.var["rankbygene_panel"].sum())
+    (100, 50)
+    >>> rbg.pp.select_genes(adata, n_top=50, subset=True)  # the training panel
     >>> adata.n_vars
     50
     >>> adata = rbg.datasets.synthetic(n_slides=1, n_spots=100)
-    >>> rbg.pp.select_genes(adata, genes=["TUMOR_1", "HK_2", "NOT_A_GENE"], subset=False)
-    >>> int(adata.var["rankbygene_panel"].sum())
+    >>> panel = rbg.pp.select_genes(adata, genes=["TUMOR_1", "HK_2", "NOPE"], inplace=False)
+    >>> int(panel["rankbygene_panel"].sum())
     2
     """
     # Validate everything before changing anything.
+    if copy and not inplace:
+        raise ValueError("copy=True returns a changed copy; it cannot go with inplace=False.")
     if genes is None:
         if flavor not in ("heg", "hvg"):
             raise ValueError(f"flavor must be 'heg' or 'hvg', got {flavor!r}")
@@ -247,17 +262,21 @@ def select_genes(
             how = f"{len(idx)} highly expressed genes (mean normalised expression)"
         how += f" from {matrix_name(layer)}"
 
+    mask = np.zeros(adata.n_vars, dtype=bool)
+    mask[idx] = True
+    if not inplace:
+        logger.info("selected %s", how)
+        return pd.DataFrame({PANEL_KEY: mask}, index=adata.var_names.copy())
     if subset:
         if copy:
             out = adata[:, idx].copy()
         else:
             out = adata
             out._inplace_subset_var(idx)
-        logger.info("selected %s; subset adata to %d genes", how, out.n_vars)
+        out.var[PANEL_KEY] = np.ones(out.n_vars, dtype=bool)
+        logger.info("selected %s; added var[%r] and subset adata to them", how, PANEL_KEY)
     else:
         out = adata.copy() if copy else adata
-        mask = np.zeros(adata.n_vars, dtype=bool)
-        mask[idx] = True
         out.var[PANEL_KEY] = mask
         logger.info("selected %s; added var[%r]", how, PANEL_KEY)
     return out if copy else None

@@ -9,6 +9,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from rankbygene._constants import LOG_NORMALIZED_MAX, LOGNORM_LAYER_KEY
+from rankbygene._docs import d
 from rankbygene._logging import logger
 
 __all__ = ["normalize"]
@@ -154,13 +155,15 @@ def _lognormalize(adata: AnnData, x, target_sum: float | None):
     return light.X
 
 
+@d.dedent
 def normalize(
     adata: AnnData,
     target_sum: float | None = 1e4,
     layer: str | None = None,
     key_added: str = LOGNORM_LAYER_KEY,
+    inplace: bool = True,
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | np.ndarray | sparse.csr_matrix | None:
     """Library-size normalise and log-transform counts into a new layer.
 
     Each spot's counts are scaled to sum to ``target_sum`` and transformed with ``log1p``
@@ -171,23 +174,25 @@ def normalize(
 
     Parameters
     ----------
-    adata
-        Annotated data matrix with raw counts in ``layer`` (or ``X``).
+    %(adata)s
+        Raw counts in ``layer`` (or ``X``); no spatial layout needed.
     target_sum
         Total count of each spot after normalisation; ``None`` uses the median total count over
         the spots with counts (scanpy's default for dense counts; sparse ones get the same).
-    layer
-        Layer holding the counts; ``None`` uses ``adata.X``.
-    key_added
-        Layer that receives the log-normalised values; must differ from ``layer``.
-    copy
-        Return a modified copy instead of writing into ``adata``.
+    %(layer)s
+        Raw counts.
+    %(key_added)s
+        In ``layers``; not ``layer`` itself.
+    inplace
+        ``False``: write nothing and return the values (as scanpy's
+        ``normalize_total(inplace=False)`` returns its result).
+    %(copy)s
 
     Returns
     -------
     ``None``, or a copy of ``adata`` when ``copy=True``; either way with
     ``layers[key_added]``: ``log1p`` of the normalised counts (float32, sparse when the counts
-    are sparse).
+    are sparse). With ``inplace=False``, those values.
 
     Raises
     ------
@@ -196,7 +201,8 @@ def normalize(
     ValueError
         If the counts are empty or contain NaN, infinite or negative values (the message says
         how many and where), if ``target_sum`` is not a positive finite number (or ``None`` on
-        counts that are all zero) or if ``key_added`` equals ``layer``.
+        counts that are all zero), if ``key_added`` equals ``layer`` or if ``copy=True`` goes
+        with ``inplace=False``.
 
     Examples
     --------
@@ -213,6 +219,8 @@ def normalize(
         and target_sum > 0
     ):
         raise ValueError(f"target_sum must be a positive finite number or None, got {target_sum!r}")
+    if copy and not inplace:
+        raise ValueError("copy=True returns a changed copy; it cannot go with inplace=False.")
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}")
     if layer is not None and key_added == layer:
@@ -231,6 +239,8 @@ def normalize(
         )
 
     result = _lognormalize(adata, x, target_sum)
+    if not inplace:
+        return result
     out = adata.copy() if copy else adata
     out.layers[key_added] = result
     logger.info(

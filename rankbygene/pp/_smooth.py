@@ -11,12 +11,26 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import SMOOTHED_LAYER_SUFFIX, SPATIAL_KEY
-from rankbygene._layout import spot_libraries
+from rankbygene._constants import SMOOTHED_LAYER_KEY, SMOOTHED_LAYER_SUFFIX, SPATIAL_KEY
+from rankbygene._docs import d
+from rankbygene._layout import resolve_library_key, spot_libraries
 from rankbygene._logging import logger, quiet_third_party_imports
 from rankbygene.pp._normalize import get_matrix, matrix_name, stored_values
 
-__all__ = ["smooth_expression"]
+__all__ = ["smooth_expression", "smoothed_layer_key"]
+
+
+def smoothed_layer_key(layer: str | None) -> str:
+    """The default layer of :func:`smooth_expression`: ``"smoothed"`` for ``X``, else
+    ``f"{layer}_smoothed"``, without scanpy's ``X_`` prefix (which names ``obsm`` keys).
+
+    Examples
+    --------
+    >>> smoothed_layer_key(None), smoothed_layer_key("lognorm")
+    ('smoothed', 'lognorm_smoothed')
+    """
+    return SMOOTHED_LAYER_KEY if layer is None else f"{layer}{SMOOTHED_LAYER_SUFFIX}"
+
 
 # Neighbours within this factor of the nearest-neighbour distance count as the first ring when
 # inferring the grid: hexagonal grids have 6 at 1.0, square grids 4 at 1.0 (diagonals at 1.41).
@@ -113,6 +127,7 @@ def _smoothing_operator(
     return sparse.csr_matrix(sparse.diags(1.0 / degree) @ adj)
 
 
+@d.dedent
 def smooth_expression(
     adata: AnnData,
     n_rings: int = 1,
@@ -135,19 +150,16 @@ def smooth_expression(
 
     Parameters
     ----------
-    adata
-        Annotated data matrix with spot centres in ``obsm[spatial_key]``.
+    %(adata)s
     n_rings
         Rings of neighbours to include: 1 = the immediate neighbours (6 on a hexagonal grid,
         8 with ``n_neighs=8`` on a square grid), 2 adds the next ring, and so on.
-    layer
-        Layer to smooth; ``None`` smooths ``adata.X``. Usually log-normalised expression
-        (see :func:`rankbygene.pp.normalize`).
-    key_added
-        Layer that receives the result; default ``f"{layer or 'X'}_smoothed"``.
-    library_key
-        Column of ``adata.obs`` naming each spot's library (slide); spots are only averaged with
-        spots of the same library. Needed when several slides share one coordinate frame.
+    %(layer)s
+        Usually log-normalised expression (see :func:`rankbygene.pp.normalize`).
+    %(key_added)s
+        In ``layers``; default ``f"{layer}_smoothed"``, or ``"smoothed"`` for ``X``.
+    %(library_key)s
+        Spots are only averaged with spots of the same library.
     spatial_key
         Key of the spot coordinates in ``adata.obsm``.
     n_neighs
@@ -155,8 +167,7 @@ def smooth_expression(
         from the coordinates: 6 for a hexagonal (Visium-like) grid, 8 for a square grid such as
         legacy ST, where the first ring is the full 3x3 block including diagonals. Use 4 for a
         square grid without diagonals.
-    copy
-        Return a modified copy instead of writing into ``adata``.
+    %(copy)s
 
     Returns
     -------
@@ -177,7 +188,7 @@ def smooth_expression(
     >>> import rankbygene as rbg
     >>> adata = rbg.datasets.synthetic(n_slides=2, n_spots=100)
     >>> rbg.pp.normalize(adata, layer="counts")
-    >>> rbg.pp.smooth_expression(adata, layer="lognorm", library_key="library_id")
+    >>> rbg.pp.smooth_expression(adata, layer="lognorm")  # per library: obs["library_id"]
     >>> "lognorm_smoothed" in adata.layers
     True
     """
@@ -202,9 +213,8 @@ def smooth_expression(
     coords = np.ascontiguousarray(coords[:, :2], dtype=np.float64)
     if not np.isfinite(coords).all():
         raise ValueError(f"adata.obsm[{spatial_key!r}] contains NaN or infinite coordinates")
-    library = None
-    if library_key is not None:
-        library = pd.Categorical(spot_libraries(adata, library_key))
+    library_key = resolve_library_key(adata, library_key)
+    library = pd.Categorical(spot_libraries(adata, library_key))
     x = get_matrix(adata, layer)
     values = stored_values(x)
     if not np.issubdtype(values.dtype, np.number):
@@ -212,8 +222,8 @@ def smooth_expression(
     if not np.isfinite(values).all():
         raise ValueError(f"{matrix_name(layer)} contains NaN or infinite values")
     if key_added is None:
-        key_added = f"{layer or 'X'}{SMOOTHED_LAYER_SUFFIX}"
-    codes = library.codes if library is not None else np.zeros(adata.n_obs, dtype=np.int64)
+        key_added = smoothed_layer_key(layer)
+    codes = library.codes
     if n_neighs is None:
         n_neighs = _infer_n_neighs(coords, codes)
     sizes = np.bincount(codes)
@@ -239,6 +249,6 @@ def smooth_expression(
         matrix_name(layer),
         n_rings,
         "hexagonal" if n_neighs == 6 else f"{n_neighs}-neighbour",
-        f" per {library_key!r}" if library_key else "",
+        f" per obs[{library_key!r}]" if library_key else "",
     )
     return out if copy else None

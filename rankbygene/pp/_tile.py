@@ -21,6 +21,7 @@ from rankbygene._constants import (
     ARRAY_ROW_KEY,
     LIBRARY_ID_KEY,
     METADATA_MPP,
+    METADATA_READ_DOWNSAMPLE,
     METADATA_SATURATION_THRESHOLD,
     METADATA_SOURCE,
     METADATA_SOURCE_IMAGE,
@@ -114,7 +115,11 @@ def tile_slide(
         ``"tiles"`` from ``lazyslide.pp.tile_tissues``, square tiles) instead of the package's
         grid; ``tile_size_um``, ``stride_um`` and ``tissue_threshold`` are then unused, every
         tile of the table is kept in its order, and ``obs`` also has the table's ``tile_id`` and
-        ``tissue_id``. ``tissue_fraction`` is still the package's (Otsu on saturation).
+        ``tissue_id``. ``tissue_fraction`` is still the package's (Otsu on saturation). The
+        tiles are then read from the pyramid level the table's tile spec reads
+        (``metadata["read_downsample"]``), as ``lazyslide.tl.feature_extraction`` does, so that
+        :class:`~rankbygene.model.FeatureExtractor` and ``get_image_representation`` see the
+        same pixels.
 
     Returns
     -------
@@ -142,7 +147,7 @@ def tile_slide(
     >>> import rankbygene as rbg
     >>> tiles = rbg.pp.tile_slide("slide.svs", tile_size_um=112)  # doctest: +SKIP
     >>> tiles.obsm["X_rankbygene"] = model.get_image_representation(tiles)  # doctest: +SKIP
-    >>> predicted = model.predict_expression(tiles)  # doctest: +SKIP
+    >>> predicted = model.predict_expression(tiles, copy=True)  # doctest: +SKIP
     >>> import squidpy as sq
     >>> sq.pl.spatial_scatter(predicted, color="ERBB2", shape="square")  # doctest: +SKIP
 
@@ -328,6 +333,8 @@ def _tile(
         METADATA_SOURCE: "rankbygene.pp.tile_slide"
         + ("" if boxes is None else f" (wsidata tiles {boxes.key!r})"),
     }
+    if boxes is not None and boxes.read_downsample is not None:
+        metadata[METADATA_READ_DOWNSAMPLE] = boxes.read_downsample
     adata.uns[SPATIAL_KEY] = {library_id: spatial_entry(images, side, metadata)}
     logger.info(
         f"tiled {path}: {adata.n_obs} tiles of {side} px ({tile_size_um} um at {mpp:g} um/px) "

@@ -337,8 +337,7 @@ class _Run:
 
     def embed(self, processes: Processes, on_error: str, progress: bool | None) -> None:
         """Embed the slides left to do, shared out between the processes by file size."""
-        from tqdm.auto import tqdm
-
+        from rankbygene._progress import progress_bar
         from rankbygene.pp._tile import tile_slide
 
         todo = [slide_id for slide_id, state in self.status.items() if state == "pending"]
@@ -350,7 +349,7 @@ class _Run:
             progress = False
         show = len(mine) > 1 if progress is None else progress
         first_error: Exception | None = None
-        for slide_id in tqdm(mine, desc="Slides", unit="slide", disable=not show):
+        for slide_id in progress_bar(mine, desc="Slides", unit="slide", disable=not show):
             path, output = self.slides[slide_id], self.output(slide_id)
             try:
                 tiles = tile_slide(

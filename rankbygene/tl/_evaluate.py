@@ -10,6 +10,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from rankbygene._constants import PREDICTED_LAYER_KEY
+from rankbygene._docs import d
 from rankbygene._layout import spot_libraries
 from rankbygene._logging import logger
 from rankbygene._metrics import log_normalize, pearson_per_gene, spearman_per_gene
@@ -17,6 +18,7 @@ from rankbygene._metrics import log_normalize, pearson_per_gene, spearman_per_ge
 METRICS = ("pearson", "spearman", "mae", "mse")
 
 
+@d.dedent
 def evaluate_expression(
     adata: AnnData,
     layer_pred: str = PREDICTED_LAYER_KEY,
@@ -45,8 +47,8 @@ def evaluate_expression(
         Layer of predicted (log-normalised) expression.
     layer_true
         Layer of observed expression; ``None``: ``layers["counts"]`` when present, else ``X``.
-    library_key
-        ``obs`` column of libraries: metrics are computed within each library (slide).
+    %(library_key)s
+        Metrics are computed within each library (slide).
     genes
         Genes to evaluate (default: all).
     true_is_counts

@@ -8,12 +8,14 @@ import numpy as np
 from anndata import AnnData
 
 from rankbygene._constants import PATCH_STATISTICS_KEY, SPATIAL_KEY
+from rankbygene._docs import d
 from rankbygene._logging import logger
 from rankbygene.data._statistics import PATCH_STATISTICS, patch_statistics_tensor
 
 __all__ = ["PATCH_STATISTICS", "patch_statistics"]
 
 
+@d.dedent
 def patch_statistics(
     adata: AnnData,
     library_key: str | None = None,
@@ -25,7 +27,7 @@ def patch_statistics(
     batch_size: int = 256,
     key_added: str = PATCH_STATISTICS_KEY,
     copy: bool = False,
-) -> AnnData | np.ndarray | None:
+) -> AnnData | None:
     """Colour and texture statistics of each spot's patch, a baseline image representation.
 
     For each patch: RGB means and standard deviations, haematoxylin/eosin/DAB densities from
@@ -41,7 +43,8 @@ def patch_statistics(
     ----------
     adata
         AnnData in the scanpy/squidpy spatial layout.
-    library_key, spatial_key, image_key, patch_scale, patch_size
+    %(library_key)s
+    spatial_key, image_key, patch_scale, patch_size
         Patch geometry, as :class:`~rankbygene.data.PatchExtractor`; use the model's
         ``patch_scale`` to compare with it on the same context.
     out_of_bounds
@@ -50,15 +53,15 @@ def patch_statistics(
         ``"raise"`` an error counting them.
     batch_size
         Patches processed at once (memory: ``batch_size * patch_size**2 * 40`` bytes).
-    key_added
-        ``obsm`` key of the ``(n_spots, 23)`` result.
-    copy
-        Return the array instead of writing it.
+    %(key_added)s
+        In ``obsm`` (the values) and ``uns`` (their names).
+    %(copy)s
 
     Returns
     -------
-    The array with ``copy=True``, else ``None`` (written to ``adata.obsm[key_added]``; the
-    column names in ``adata.uns[key_added]``).
+    ``None``, or a copy of ``adata`` with ``copy=True``; either way with
+    ``obsm[key_added]``, the ``(n_spots, 23)`` statistics, and ``uns[key_added]``, their
+    names (``columns``) and ``patch_size``.
 
     Examples
     --------
@@ -90,9 +93,8 @@ def patch_statistics(
             batch = np.stack([patches[i] for i in range(start, stop)])
             images = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
             out[start:stop] = patch_statistics_tensor(images).numpy()
-    if copy:
-        return out
-    adata.obsm[key_added] = out
-    adata.uns[key_added] = {"columns": list(PATCH_STATISTICS), "patch_size": patch_size}
+    target = adata.copy() if copy else adata
+    target.obsm[key_added] = out
+    target.uns[key_added] = {"columns": list(PATCH_STATISTICS), "patch_size": patch_size}
     logger.info("added obsm[%r] and uns[%r]", key_added, key_added)
-    return None
+    return target if copy else None

@@ -7,6 +7,7 @@ import pandas as pd
 from anndata import AnnData
 
 from rankbygene._constants import IMAGE_EMBEDDING_KEY, RANK_CONSISTENCY_KEY
+from rankbygene._docs import d
 from rankbygene._layout import spot_libraries
 from rankbygene._logging import logger
 from rankbygene._metrics import log_normalize, spearman_per_gene
@@ -14,6 +15,7 @@ from rankbygene._metrics import log_normalize, spearman_per_gene
 _ROW_CHUNK = 512  # anchors per block: bounds memory at chunk x library-size similarities
 
 
+@d.dedent
 def rank_consistency(
     adata: AnnData,
     use_rep: str = IMAGE_EMBEDDING_KEY,
@@ -48,12 +50,11 @@ def rank_consistency(
     n_neighbors
         Candidates per anchor: its nearest gene-side neighbours (the method's local scale);
         ``None`` ranks every other spot of the library (its global scale).
-    library_key
-        ``obs`` column of libraries; ``None``: all spots form one library.
-    key_added
-        ``obs`` column of the scores.
-    copy
-        Return a copy instead of writing to ``adata``.
+    %(library_key)s
+        Spots are only compared within their library.
+    %(key_added)s
+        In ``obs``.
+    %(copy)s
 
     Returns
     -------

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from rankbygene._constants import IMAGE_EMBEDDING_KEY, SPATIAL_KEY
+from rankbygene._constants import IMAGE_EMBEDDING_KEY
+from rankbygene._docs import d
 from rankbygene._layout import spot_libraries
 from rankbygene._logging import logger
 from rankbygene.tl._slide_files import SUFFIX, partial_files
@@ -28,6 +29,7 @@ SlideInput = (
 Bags = dict[str, np.ndarray]
 
 
+@d.dedent
 def slide_features(
     data: SlideInput,
     library_key: str | None = None,
@@ -45,8 +47,8 @@ def slide_features(
         :func:`~rankbygene.tl.embed_slides` or the folder it wrote, by any number of processes
         (its finished files, read without their images; slides still being written, or left
         unfinished by a killed process, are left out with a warning).
-    library_key
-        ``obs`` column of the slide of each tile, for an AnnData holding several slides.
+    %(library_key)s
+        For an AnnData holding several slides.
     use_rep
         ``obsm`` key of the tile embeddings.
     method
@@ -170,11 +172,6 @@ def _bags_of_anndata(
     matrix = np.asarray(adata.obsm[use_rep], dtype=np.float32)
     if slide_id is not None:
         return {slide_id: check_bag(matrix, where)}
-    if library_key is None and len(adata.uns.get(SPATIAL_KEY, {}) or {}) > 1:
-        raise ValueError(
-            f"adata holds {len(adata.uns[SPATIAL_KEY])} libraries: pass library_key, the obs "
-            "column of each tile's slide."
-        )
     libraries = spot_libraries(adata, library_key)
     return {
         str(lib): check_bag(matrix[libraries == lib], f"{where} of slide {lib!r}")

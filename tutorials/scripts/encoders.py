@@ -19,12 +19,11 @@
 # `torch.nn.Module`, or features computed elsewhere (UNI, CONCH, ...) stored in `obsm`.
 
 # %%
+import rankbygene as rbg  # first: no import-time notices of other libraries
 import scvi
 import timm
 import torch
 from torch import nn
-
-import rankbygene as rbg
 
 scvi.settings.seed = 0
 adata = rbg.datasets.synthetic(n_slides=2, n_spots=150, n_genes=40, seed=1)

@@ -27,11 +27,11 @@
 import os
 from pathlib import Path
 
+import rankbygene as rbg  # first: no import-time notices of other libraries
 import anndata as ad
 import pandas as pd
 import scanpy as sc
 import scvi
-import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
 
 scvi.settings.seed = 0
@@ -46,7 +46,7 @@ sections = [rbg.datasets.her2st(s, path=HER2ST) for s in names]
 # spot names ("14x19") repeat across sections: suffix them with the section
 adata = ad.concat(sections, join="inner", uns_merge="unique", keys=names, index_unique="-")
 adata.obs["library_id"] = adata.obs["library_id"].astype("category")
-rbg.pp.select_genes(adata, n_top=100, flavor="heg")  # the 100 most expressed genes
+rbg.pp.select_genes(adata, n_top=100, flavor="heg", subset=True)  # the 100 most expressed
 adata
 
 # %%

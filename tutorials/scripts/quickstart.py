@@ -22,9 +22,9 @@
 # %%
 from importlib.util import find_spec
 
+import rankbygene as rbg  # first: no import-time notices of other libraries
 import scanpy as sc
 import scvi
-import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
 
 scvi.settings.seed = 0
@@ -82,7 +82,7 @@ rbg.pl.history(model)
 # The teacher image encoder embeds every spot; the embeddings go where scanpy looks for them.
 
 # %%
-train.obsm["X_rankbygene"] = model.get_image_representation()
+train.obsm["X_rankbygene"] = model.get_latent_representation()  # the image representation
 train.obsm["X_rankbygene_gene"] = model.get_gene_representation()
 rbg.pl.embedding(train, color=["library_id", "region"])
 

@@ -30,9 +30,9 @@
 from importlib.util import find_spec
 
 import numpy as np
+import rankbygene as rbg  # first: no import-time notices of other libraries
 import scanpy as sc
 import scvi
-import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
 
 scvi.settings.seed = 0
@@ -143,14 +143,40 @@ rbg.pl.expression_maps(
 if find_spec("spatialdata_plot"):
     import spatialdata_plot  # noqa: F401  (adds sdata.pl)
 
-    dataset = "synthetic_hd"
+    dataset = coarse_library  # the section: its elements are named after it
+    bins_element = coarse.uns["spatial"][coarse_library]["metadata"]["spatialdata_shapes"]
     (
         sdata.pl.render_images(f"{dataset}_full_image")
         .pl.render_shapes(
-            coarse_library,
+            bins_element,
             color=genes[0],
             table_name="square_016um",
             table_layer="rankbygene_predicted",
         )
         .pl.show(coordinate_systems=dataset, title=f"{genes[0]}, predicted")
     )
+
+# %% [markdown]
+# ## Save into a zarr store
+#
+# A SpatialData object lives on disk as a zarr store. spatialdata does not overwrite an element
+# of the store an object was read from, so results join it as a new table: `key_added` writes
+# the prediction into a new table annotating the same bins (the `square_016um` table stays as it
+# was) and `write=True` adds that table to the store (a table of that name from an earlier run
+# is replaced).
+
+# %%
+import warnings
+
+import spatialdata as sd
+
+store = "synthetic_hd.zarr"
+del sdata.tables["square_016um"].layers["rankbygene_predicted"]  # the store starts clean
+with warnings.catch_warnings():  # zarr announces its next release's default on every write
+    warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+    sdata.write(store, overwrite=True)
+on_disk = sd.read_zarr(store)
+rbg.io.to_spatialdata(
+    coarse, on_disk, table_key="square_016um", key_added="square_016um_rankbygene", write=True
+)
+sd.read_zarr(store).tables["square_016um_rankbygene"]

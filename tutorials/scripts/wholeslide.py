@@ -26,9 +26,9 @@
 # (`pip install "rankbygene[openslide]"`), and plain images with `mpp=` given.
 
 # %%
+import rankbygene as rbg  # first: no import-time notices of other libraries
 import scanpy as sc
 import scvi
-import rankbygene as rbg  # before squidpy: it imports squidpy without docrep's warnings
 import squidpy as sq
 
 scvi.settings.seed = 0
@@ -73,12 +73,13 @@ tiles
 # %% [markdown]
 # ## Predicted expression on the slide
 #
-# The tiles have no counts, so `predict_expression` returns a new AnnData with the model's genes
-# and the prediction in `layers["rankbygene_predicted"]` (ridge on the teacher embedding, fitted
-# on the training spots). It chains with squidpy as any Visium slide does.
+# The tiles have no genes, so the prediction cannot be written into them: `copy=True` returns a
+# new AnnData with the model's genes and the prediction in `layers["rankbygene_predicted"]`
+# (ridge on the teacher embedding, fitted on the training spots). It chains with squidpy as any
+# Visium slide does.
 
 # %%
-predicted = model.predict_expression(tiles)
+predicted = model.predict_expression(tiles, copy=True)
 # One marker gene of each of three tissue programs.
 drivers = [st.var_names[st.var["program"] == p][0] for p in ("tumor", "stroma", "immune")]
 sq.pl.spatial_scatter(
