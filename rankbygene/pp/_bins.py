@@ -62,7 +62,7 @@ def aggregate_bins(
     (``bin_size_um``, and ``microns_per_pixel`` or ``spot_diameter_fullres``, as
     :func:`rankbygene.io.from_spatialdata` records them for Visium HD bins), and are checked
     against the data: the bins' spacing in pixels (neighbouring bins' distance per step of
-    their grid) times the microns per pixel must be the bin size, within 10%.
+    their grid) times the microns per pixel must be the bin size, within 10%%.
 
     Memory per million bins, measured (tracemalloc) on 96,442 bins of 8 um and 100 genes (17
     non-zero counts per bin) and scaled; counts grow with the non-zeros (8 bytes each in CSR
