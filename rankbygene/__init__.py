@@ -11,7 +11,6 @@ warnings show.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from rankbygene._logging import (
@@ -21,13 +20,9 @@ from rankbygene._logging import (
     set_verbosity,
     settings,
 )
+from rankbygene._version import __version__
 
 ignore_import_warnings()
-
-try:
-    __version__ = version("rankbygene")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
 
 _SUBMODULES = {"data", "datasets", "io", "losses", "model", "pl", "pp", "tl"}
 _MODEL_NAMES = {"RankByGene": "rankbygene.model"}

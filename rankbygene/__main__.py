@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-from rankbygene import __version__
 from rankbygene._constants import QUIET_IMPORT_WARNINGS, QUIET_RUN_WARNINGS
 from rankbygene._logging import (
     logger,
@@ -18,6 +17,7 @@ from rankbygene._logging import (
     quiet_lightning_tips,
     stderr_handler,
 )
+from rankbygene._version import __version__
 
 PROG = "rankbygene"
 

@@ -14,8 +14,8 @@ import pytest
 import tifffile
 from PIL import Image
 
+from rankbygene._image import as_rgb_uint8
 from rankbygene.io import ArrayImage, PILImage, TiffImage, open_image, write_pyramidal_tiff
-from rankbygene.io._image import as_rgb_uint8
 
 
 def _smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -425,7 +425,7 @@ def test_damaged_gzipped_spot_file_is_named(tmp_path: Path) -> None:
 
 
 def test_reading_file_wraps_decoder_errors_only(tmp_path: Path) -> None:
-    from rankbygene.io._errors import reading_file
+    from rankbygene._image import reading_file
 
     path = tmp_path / "cut.gz"
     path.write_bytes(gzip.compress(b"spot\tG1\n" * 1000)[:40])

@@ -36,7 +36,7 @@ from PIL import Image
 from scipy import sparse
 
 import rankbygene as rbg
-from rankbygene.io._image import as_rgb_uint8, open_image
+from rankbygene._image import as_rgb_uint8, open_image
 from rankbygene.pp._genes import MIN_HVG_GENES, _n_varying_genes
 from rankbygene.pp._smooth import smoothed_layer_key
 

@@ -104,7 +104,7 @@ def test_encoder_as_lazyslide_feature_extractor(slide, tiny_model):
 
 
 def test_missing_wsidata_names_the_extra(monkeypatch):
-    from rankbygene.io._wsidata import require_wsidata
+    from rankbygene._image import require_wsidata
 
     monkeypatch.setitem(sys.modules, "wsidata", None)
     with pytest.raises(ImportError, match=r"rankbygene\[wsi\]"):

@@ -11,8 +11,9 @@
   thumbnails (:func:`spatial_entry`, :func:`thumbnails`), for the readers, ``tile_slide`` and
   the synthetic data.
 
-The keys themselves are in :mod:`rankbygene._constants`. The readers of :mod:`rankbygene.io`
-import ``_entry`` only, which imports nothing of ``io``: ``io`` stays below this package.
+The keys themselves are in :mod:`rankbygene._constants`. Pixels are read through
+:mod:`rankbygene._image`, below this package; the slide readers of :mod:`rankbygene.io`, above
+it, build their entries here (``tests/test_imports.py`` checks the direction).
 """
 
 from rankbygene._layout._checks import validate_layout

@@ -28,12 +28,11 @@ from rankbygene._constants import (
     SWAPPED_OUTSIDE_FRACTION,
     TYPICAL_SPOT_SPACING,
 )
+from rankbygene._image import PATCH_IMAGE_KEYS, ImageReader, PatchFile, PILImage
 from rankbygene._layout._entry import scalefactor_image
 from rankbygene._layout._sources import ImageSource, spatial_coordinates
 from rankbygene._layout._tissue_check import layout_thumbnail, tissue_finding
 from rankbygene._logging import logger
-from rankbygene.io._image import ImageReader, PILImage
-from rankbygene.io._patch_file import PATCH_IMAGE_KEYS, PatchFile
 
 __all__ = ["validate_layout"]
 

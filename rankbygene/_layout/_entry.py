@@ -9,7 +9,7 @@ there import this module.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -24,9 +24,7 @@ from rankbygene._constants import (
     SCALEFACTOR_SUFFIX,
     SCALEFACTORS_KEY,
 )
-
-if TYPE_CHECKING:
-    from rankbygene.io import ImageReader
+from rankbygene._image import ImageReader
 
 __all__ = [
     "image_scales",

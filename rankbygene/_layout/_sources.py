@@ -28,9 +28,9 @@ from rankbygene._constants import (
     SCALEFACTORS_KEY,
     SPATIAL_KEY,
 )
+from rankbygene._image import ImageReader, open_image
 from rankbygene._layout._entry import scalefactor_key
 from rankbygene._logging import logger
-from rankbygene.io._image import ImageReader, open_image
 
 __all__ = [
     "ImageSource",

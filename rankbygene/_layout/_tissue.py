@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from rankbygene.io._image import ImageReader, PILImage, resize
+from rankbygene._image import ImageReader, PILImage, resize
 
 __all__ = ["read_thumbnail", "tissue_mask"]
 

@@ -30,10 +30,10 @@ from rankbygene._constants import (
     TISSUE_OVERLAP_GAIN,
     TISSUE_OVERLAP_SLACK,
 )
+from rankbygene._image import ImageReader, as_rgb_uint8, is_lazy_array
 from rankbygene._layout._entry import image_scales, scaled_size, shrink
 from rankbygene._layout._sources import ImageSource
 from rankbygene._layout._tissue import read_thumbnail, tissue_mask
-from rankbygene.io._image import ImageReader, as_rgb_uint8, is_lazy_array
 
 __all__ = ["Correction", "LayoutThumbnail", "corrections", "layout_thumbnail", "tissue_finding"]
 

@@ -10,26 +10,27 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from anndata import AnnData
 
 from rankbygene._constants import IMAGES_KEY, MAX_SPOT_UPSAMPLING, SPATIAL_KEY
 from rankbygene._docs import d
-from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
-from rankbygene._logging import logger
-from rankbygene.io._image import (
+from rankbygene._image import (
     BACKGROUND,
+    PATCH_BARCODE_KEYS,
+    PATCH_IMAGE_KEYS,
     ArrayImage,
+    PatchFile,
     as_rgb_uint8,
     is_lazy_array,
     open_image,
 )
-from rankbygene.io._patch_file import PATCH_BARCODE_KEYS, PATCH_IMAGE_KEYS, PatchFile
-
-if TYPE_CHECKING:
-    from rankbygene.data._settings import ImageSettings
+from rankbygene._layout import ImageSource, image_sources, spatial_coordinates, spot_libraries
+from rankbygene._logging import logger
+from rankbygene._progress import progress_bar
+from rankbygene.data._settings import ImageSettings
 
 __all__ = ["PatchExtractor"]
 
@@ -338,8 +339,6 @@ class PatchExtractor:
         --------
         >>> patches = PatchExtractor(adata, cache="disk").materialize()  # doctest: +SKIP
         """
-        from rankbygene._progress import progress_bar
-
         if self.cache is None:
             raise ValueError("materialize() needs a cache: pass cache='memory' or cache='disk'.")
         if self._store is None:

@@ -1,5 +1,9 @@
 """Readers: spatial transcriptomics slides into AnnData (scanpy/squidpy layout), images lazily.
 
+The slide readers live here; the image readers (:class:`ImageReader` and its kinds,
+:func:`open_image`, :func:`write_pyramidal_tiff`) live in :mod:`rankbygene._image`, below the
+spatial layout that the slide readers build, and are re-exported here.
+
 Images are also written here: :func:`write_pyramidal_tiff` writes an array as the tiled
 pyramidal TIFF that whole-slide readers (and :func:`rankbygene.pp.tile_slide`) expect.
 
@@ -69,19 +73,19 @@ tables, and :class:`rankbygene.model.FeatureExtractor` embeds its tiles with
 ``lazyslide.tl.feature_extraction``.
 """
 
-from rankbygene.io._hest import read_hest
-from rankbygene.io._image import (
+from rankbygene._image import (
     ArrayImage,
     ImageReader,
     OpenSlideImage,
     PILImage,
     TiffImage,
+    WSIDataImage,
     open_image,
+    write_pyramidal_tiff,
 )
-from rankbygene.io._pyramid import write_pyramidal_tiff
+from rankbygene.io._hest import read_hest
 from rankbygene.io._spatialdata import from_spatialdata, to_spatialdata
 from rankbygene.io._st import infer_spot_diameter, read_st
-from rankbygene.io._wsidata import WSIDataImage
 
 __all__ = [
     "ArrayImage",

@@ -27,12 +27,11 @@ from rankbygene._constants import (
     SCALEFACTORS_KEY,
     SPATIAL_KEY,
 )
+from rankbygene._image import PATCH_COORDS_KEY, ImageReader, PatchFile, as_rgb_uint8, open_image
 
 # the entry builder only: rankbygene._layout's readers of images import rankbygene.io
-from rankbygene._layout._entry import image_scales, read_thumbnails, spatial_entry, thumbnails
+from rankbygene._layout import image_scales, read_thumbnails, spatial_entry, thumbnails
 from rankbygene._logging import logger
-from rankbygene.io._image import ImageReader, as_rgb_uint8, open_image
-from rankbygene.io._patch_file import PATCH_COORDS_KEY, PatchFile
 from rankbygene.io._st import check_sides, existing_file
 
 __all__ = ["read_hest"]

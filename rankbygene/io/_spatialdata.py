@@ -41,11 +41,15 @@ from rankbygene._constants import (
     UNS_KEY,
 )
 from rankbygene._docs import d
-
-# the entry builder only: rankbygene._layout's readers of images import rankbygene.io
-from rankbygene._layout._entry import image_scales, spatial_entry
+from rankbygene._image import as_rgb_uint8, is_lazy_array
+from rankbygene._layout import (
+    image_scales,
+    resolve_library_key,
+    spatial_coordinates,
+    spatial_entry,
+    spot_libraries,
+)
 from rankbygene._logging import logger
-from rankbygene.io._image import as_rgb_uint8, is_lazy_array
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -827,9 +831,6 @@ def _new_spatialdata(
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Identity, Scale
-
-    # rankbygene._layout imports rankbygene.io: imported here, not at the top, to avoid a cycle
-    from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
 
     library_key = resolve_library_key(adata, library_key)
     libraries = spot_libraries(adata, library_key)

@@ -26,12 +26,11 @@ from rankbygene._constants import (
     METADATA_TECHNOLOGY,
     SPATIAL_KEY,
 )
+from rankbygene._image import open_image, reading_file
 
 # the entry builder only: rankbygene._layout's readers of images import rankbygene.io
-from rankbygene._layout._entry import read_thumbnails, spatial_entry
+from rankbygene._layout import read_thumbnails, spatial_entry
 from rankbygene._logging import logger
-from rankbygene.io._errors import reading_file
-from rankbygene.io._image import open_image
 
 __all__ = ["read_st"]
 

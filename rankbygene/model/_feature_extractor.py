@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from rankbygene._image import resize
 from rankbygene._logging import logger
 from rankbygene._precision import float32_region
 from rankbygene.data._transforms import eval_transform
-from rankbygene.io._image import resize
 
 if TYPE_CHECKING:
     from rankbygene.model._model import RankByGene
@@ -34,7 +34,7 @@ class TileTransform:
     """uint8 ``(H, W, 3)`` tile -> the encoder's normalised float32 ``(3, S, S)`` input.
 
     The tile is resized to ``input_size`` as the package resizes patches (PIL bilinear,
-    :func:`rankbygene.io._image.resize`), then normalised with the encoder's mean and std.
+    :func:`rankbygene._image.resize`), then normalised with the encoder's mean and std.
 
     Examples
     --------

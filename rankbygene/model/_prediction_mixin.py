@@ -12,7 +12,6 @@ from anndata import AnnData
 from scipy import sparse
 from torch import nn
 
-from rankbygene import __version__
 from rankbygene._constants import PREDICTED_LAYER_KEY, UNS_KEY
 from rankbygene._docs import d
 from rankbygene._layout import (
@@ -20,6 +19,7 @@ from rankbygene._layout import (
     spot_libraries,
 )
 from rankbygene._logging import logger
+from rankbygene._version import __version__
 from rankbygene.data import PatchExtractor
 from rankbygene.model._prediction import (
     KnnPredictor,

@@ -32,6 +32,14 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     TISSUE_FRACTION_KEY,
 )
+from rankbygene._image import (
+    ImageReader,
+    TileBoxes,
+    WSIDataImage,
+    is_wsidata,
+    open_image,
+    table_boxes,
+)
 from rankbygene._layout import (
     read_thumbnail,
     scaled_size,
@@ -41,8 +49,6 @@ from rankbygene._layout import (
     tissue_mask,
 )
 from rankbygene._logging import logger
-from rankbygene.io._image import ImageReader, open_image
-from rankbygene.io._wsidata import TileBoxes, WSIDataImage, is_wsidata, table_boxes
 
 __all__ = ["tile_slide"]
 

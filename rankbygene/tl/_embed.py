@@ -19,10 +19,14 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from rankbygene import __version__
 from rankbygene._constants import IMAGE_EMBEDDING_KEY, SLIDE_CHECKSUM_KEY, UNS_KEY
 from rankbygene._layout import ImageSource
 from rankbygene._logging import logger
+from rankbygene._progress import progress_bar
+from rankbygene._version import __version__
+from rankbygene.data import PatchExtractor
+from rankbygene.pp._tile import open_slide, tile_slide
+from rankbygene.pp._tile import slide_id as slide_id_of
 from rankbygene.tl._processes import (
     Processes,
     Shard,
@@ -283,9 +287,6 @@ class _Run:
             logger.info(f"{n_done} of {len(self.slides)} slides already embedded")
 
     def _check(self, ids: list[str], overwrite: bool, processes: Processes) -> dict[str, Any]:
-        from rankbygene.data import PatchExtractor
-        from rankbygene.pp._tile import open_slide
-
         found: dict[str, Any] = {
             "status": {},
             "n_tiles": {},
@@ -337,9 +338,6 @@ class _Run:
 
     def embed(self, processes: Processes, on_error: str, progress: bool | None) -> None:
         """Embed the slides left to do, shared out between the processes by file size."""
-        from rankbygene._progress import progress_bar
-        from rankbygene.pp._tile import tile_slide
-
         todo = [slide_id for slide_id, state in self.status.items() if state == "pending"]
         share = balance([_file_size(self.slides[s]) for s in todo], processes.size)
         mine = [todo[i] for i in sorted(share[processes.rank])]  # each in the cohort's order
@@ -472,9 +470,7 @@ def _slide_paths(
     if isinstance(paths, pd.Series | Mapping):
         items = [(str(key), Path(value)) for key, value in paths.items()]
     else:
-        from rankbygene.pp._tile import slide_id
-
-        items = [(slide_id(p), Path(p)) for p in paths]
+        items = [(slide_id_of(p), Path(p)) for p in paths]
     if not items:
         raise ValueError("paths is empty: no slide to embed.")
     seen: dict[str, Path] = {}

@@ -10,6 +10,7 @@ from anndata import AnnData
 from rankbygene._constants import PATCH_STATISTICS_KEY, SPATIAL_KEY
 from rankbygene._docs import d
 from rankbygene._logging import logger
+from rankbygene.data._patches import PatchExtractor
 from rankbygene.data._statistics import PATCH_STATISTICS, patch_statistics_tensor
 
 __all__ = ["PATCH_STATISTICS", "patch_statistics"]
@@ -72,8 +73,6 @@ def patch_statistics(
     (20, 23)
     """
     import torch
-
-    from rankbygene.data import PatchExtractor
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")

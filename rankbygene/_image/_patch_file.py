@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rankbygene.io._image import as_rgb_uint8, resize
+from rankbygene._image._base import as_rgb_uint8, resize
 
 __all__ = ["PATCH_BARCODE_KEYS", "PATCH_COORDS_KEY", "PATCH_IMAGE_KEYS", "PatchFile"]
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rankbygene.io._image import ImageReader, as_rgb_uint8
+from rankbygene._image._base import ImageReader, as_rgb_uint8
 
 __all__ = ["TileBoxes", "WSIDataImage", "is_wsidata", "require_wsidata", "table_boxes"]
 
@@ -26,7 +26,7 @@ def require_wsidata() -> Any:
 
     Examples
     --------
-    >>> from rankbygene.io._wsidata import require_wsidata
+    >>> from rankbygene._image import require_wsidata
     >>> wsidata = require_wsidata()  # doctest: +SKIP
     """
     try:
@@ -43,7 +43,7 @@ def is_wsidata(obj: Any) -> bool:
 
     Examples
     --------
-    >>> from rankbygene.io._wsidata import is_wsidata
+    >>> from rankbygene._image import is_wsidata
     >>> is_wsidata("slide.svs")
     False
     """
@@ -143,7 +143,7 @@ def table_boxes(wsi: Any, tile_key: str) -> TileBoxes:
 
     Examples
     --------
-    >>> from rankbygene.io._wsidata import table_boxes
+    >>> from rankbygene._image import table_boxes
     >>> boxes = table_boxes(wsi, "tiles")  # doctest: +SKIP
     >>> boxes.side, len(boxes.x0)  # doctest: +SKIP
     (224, 1830)
