@@ -15,6 +15,19 @@ from conftest import HER2ST, requires_her2st
 import rankbygene
 from rankbygene.__main__ import main
 
+#: Held-out Pearson r that the default demo's training adds: measured +0.037 (0.536 -> 0.573),
+#: and +0.040 on the synthetic data's seed 1.
+DEMO_LEARNING_MARGIN = 0.015
+
+
+@pytest.mark.slow
+def test_default_demo_learns(tmp_path):
+    """The demo as a newcomer runs it (36 s on 2 cores): training beats the untrained model."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    gain = summary["heldout_pearson_trained"] - summary["heldout_pearson_untrained"]
+    assert gain > DEMO_LEARNING_MARGIN, summary
+
 
 def test_demo_writes_outputs(tmp_path):
     out = tmp_path / "demo"
