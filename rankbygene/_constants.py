@@ -188,7 +188,7 @@ class BatchKeys(NamedTuple):
     expression: str = "expression"
     features: str = "features"
     features_weak: str = "features_weak"
-    index: str = "index"
+    index: str = "index"  # type: ignore[assignment]  # shadows tuple.index, a public name
 
 
 #: The one definition of the mini-batch keys, as scvi-tools' ``REGISTRY_KEYS``.

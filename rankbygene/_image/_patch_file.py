@@ -9,8 +9,12 @@ layout checks decode its first patch, and :class:`~rankbygene.data.PatchExtracto
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import h5py
 
 from rankbygene._image._base import as_rgb_uint8, resize
 
@@ -65,12 +69,19 @@ class PatchFile:
     @property
     def image_shape(self) -> tuple[int, ...]:
         """Shape of the dataset of patches, ``(N, h, w, 3)`` in a valid file."""
-        return tuple(self._images.shape)
+        return tuple(self._patch_dataset().shape)
 
     @property
     def n_coords(self) -> int | None:
         """Number of rows of ``coords``; ``None`` where the file has none."""
         return self._file[PATCH_COORDS_KEY].shape[0] if PATCH_COORDS_KEY in self._file else None
+
+    def _patch_dataset(self) -> h5py.Dataset:
+        if self._images is None:
+            raise KeyError(
+                f"{self.path} holds no dataset of patches (looked for {list(PATCH_IMAGE_KEYS)})."
+            )
+        return self._images
 
     def barcodes(self) -> list[str]:
         """The barcode of each row, as strings."""
@@ -80,7 +91,7 @@ class PatchFile:
     def read(self, row: int, size: int | None = None) -> np.ndarray:
         """Row ``row``'s patch as RGB uint8, resized to ``size`` x ``size`` when given."""
         name = f"{self.path}[{self.image_key!r}][{row}]"
-        patch = as_rgb_uint8(np.asarray(self._images[row]), name=name)
+        patch = as_rgb_uint8(np.asarray(self._patch_dataset()[row]), name=name)
         return resize(np.ascontiguousarray(patch), size)
 
     def close(self) -> None:

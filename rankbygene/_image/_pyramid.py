@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -72,14 +73,18 @@ def write_pyramidal_tiff(
         height, width = levels[-1].shape[:2]
         size = (max(1, width // 2), max(1, height // 2))
         levels.append(np.asarray(Image.fromarray(levels[-1]).resize(size, Image.Resampling.BOX)))
-    options = {"tile": (tile, tile), "photometric": "rgb", "compression": compression}
+    options: dict[str, Any] = {
+        "tile": (tile, tile),
+        "photometric": "rgb",
+        "compression": compression,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tif.partial")
     os.close(fd)
     try:
         with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as tif:
             for k, level in enumerate(levels):
-                extra = {}
+                extra: dict[str, Any] = {}
                 if mpp is not None:
                     pixels_per_cm = 1e4 / (mpp * image.shape[1] / level.shape[1])
                     extra = {"resolution": (pixels_per_cm, pixels_per_cm)}

@@ -47,7 +47,8 @@ class ArrayImage(ImageReader):
             self._array = array
         else:
             self._array = as_rgb_uint8(array)
-        self.shape = tuple(int(s) for s in self._array.shape[:2])
+        height, width = self._array.shape[:2]
+        self.shape = (int(height), int(width))
         if min(self.shape) < 1:  # no pixel to read: thumbnails would divide by zero
             raise ValueError(f"image has no pixels: shape {tuple(array.shape)}.")
         self.mpp = mpp
@@ -67,6 +68,8 @@ class PILImage(ImageReader):
     The header alone gives the size; thumbnails of JPEGs use the decoder's draft mode and never
     decode the full image.
     """
+
+    path: Path
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
         self.path = Path(path)

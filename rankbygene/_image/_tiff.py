@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -83,7 +83,7 @@ class TiffImage(ImageReader):
         except Exception as err:  # tifffile raises several types for a broken file
             raise corrupt_file_error(self.path, err, "TIFF file") from err
         self._axes = series.axes
-        self._arrays = []
+        self._arrays: list[Any] = []  # zarr arrays, one per pyramid level
         self._grids: list[_ChunkGrid | None] = []
         shapes, tiles = [], []
         with reading_file(self.path, "TIFF file", _TIFF_READ_ERRORS):
@@ -189,7 +189,7 @@ class TiffImage(ImageReader):
         fh = self._tif.filehandle
         # in file order, so that neighbouring chunks are read in one pass
         segments = fh.read_segments(offsets, bytecounts, indices, sort=True, lock=self._file_lock)
-        return list(segments)
+        return cast(list[tuple[bytes | None, int]], list(segments))
 
     def _decode(
         self, grid: _ChunkGrid, segments: list[tuple[bytes | None, int]]

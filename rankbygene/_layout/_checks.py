@@ -282,9 +282,9 @@ def _likely_factors(scalefactors: Mapping[str, Any]) -> list[tuple[float, str, s
             continue
         if np.isfinite(scale) and 0 < scale < 1:
             factors.append((1 / scale, f"{image} pixels", f"multiply by 1/{key} = {1 / scale:.4g}"))
-    for factor in COMMON_COORDINATE_FACTORS:
+    for common in COMMON_COORDINATE_FACTORS:
         factors.append(
-            (factor, f"full-resolution pixels divided by {factor:g}", f"multiply by {factor:g}")
+            (common, f"full-resolution pixels divided by {common:g}", f"multiply by {common:g}")
         )
     distinct: list[tuple[float, str, str]] = []
     for factor in factors:  # an image's factor first: it names where the coordinates came from
@@ -355,6 +355,7 @@ def _decode_one_patch(reader: ImageReader, xy: np.ndarray, source: ImageSource) 
 
 def _decode_first_patch(source: ImageSource) -> None:
     """Decode the first row of the library's file of precomputed patches."""
+    assert source.patches_path is not None  # a library of precomputed patches
     with _naming_the_image(source), PatchFile(source.patches_path) as patches:
         if patches.image_key is not None and patches.image_shape[0]:
             patches.read(0)

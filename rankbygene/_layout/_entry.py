@@ -77,12 +77,12 @@ def image_scales(entry: Mapping[str, Any]) -> dict[str, float]:
     {'hires': 0.5}
     """
     images = entry.get(IMAGES_KEY) or {}
-    scalefactors = entry.get(SCALEFACTORS_KEY) or {}
+    scalefactors: dict[str, Any] = entry.get(SCALEFACTORS_KEY) or {}
     scales = {}
     for key in images:
         try:
-            scale = float(scalefactors.get(scalefactor_key(key)))
-        except (TypeError, ValueError):
+            scale = float(scalefactors[scalefactor_key(key)])
+        except (KeyError, TypeError, ValueError):
             continue
         if np.isfinite(scale) and scale > 0:
             scales[key] = scale

@@ -396,7 +396,7 @@ def _positive(metadata: Mapping[str, Any], key: str) -> float | None:
 
 
 def _spot_diameter(scalefactors: dict[str, Any]) -> float | None:
-    diameter = scalefactors.get(SCALEFACTOR_SPOT_DIAMETER)
+    diameter: Any = scalefactors.get(SCALEFACTOR_SPOT_DIAMETER)
     try:
         diameter = float(diameter)
     except (TypeError, ValueError):
@@ -437,7 +437,7 @@ def _pixels_source(
         return None
     scales = {}
     for key in candidates:
-        factor = scalefactors.get(scalefactor_key(key))
+        factor: Any = scalefactors.get(scalefactor_key(key))
         try:
             factor = float(factor)
         except (TypeError, ValueError):
@@ -455,5 +455,5 @@ def _pixels_source(
             f"{where}[{SCALEFACTORS_KEY!r}] has no {scalefactor_key('<image>')} for any of the "
             f"images {candidates}."
         )
-    best = max(scales, key=scales.get)
+    best = max(scales, key=lambda key: scales[key])
     return {"image_key": best, "scale": scales[best]}

@@ -121,7 +121,8 @@ def layout_thumbnail(
         The library's image, opened.
     """
     side = LAYOUT_THUMBNAIL_SIDE
-    rgb, scale = None, None
+    rgb: np.ndarray | None = None
+    scale = 0.0
     images = (entry or {}).get(IMAGES_KEY) or {}
     sized = []
     for key, image_scale in image_scales(entry or {}).items():
@@ -300,9 +301,10 @@ def _expression_components(
     rows = np.arange(n_spots)
     if n_spots > MAX_AGREEMENT_SPOTS:
         rows = np.sort(np.random.default_rng(0).choice(n_spots, MAX_AGREEMENT_SPOTS, False))
-    values = expression[rows]
-    values = values.toarray() if sparse.issparse(values) else np.asarray(values)
-    values = values.astype(np.float64)
+    values: Any = expression[rows]  # dense or sparse
+    values = (values.toarray() if sparse.issparse(values) else np.asarray(values)).astype(
+        np.float64
+    )
     if not is_log_normalized:
         totals = values.sum(axis=1, keepdims=True)
         values = sc.pp.log1p(values / np.where(totals > 0, totals, 1.0) * 1e4)

@@ -144,6 +144,7 @@ class SpotPatchDataset(Dataset):
         if self.features is not None:
             out = self._features_item(i)
         else:
+            assert self.patches is not None  # one of the two, checked in __init__
             patch = self.patches[i]
             out = {BATCH_KEYS.image: self.transforms[0](patch)}
             if self.n_views == 2:
@@ -157,6 +158,7 @@ class SpotPatchDataset(Dataset):
 
     def _features_item(self, i: int) -> dict[str, torch.Tensor]:
         features = self.features
+        assert features is not None
         if features.ndim == 2:
             return {BATCH_KEYS.features: torch.from_numpy(features[i])}
         n_views = features.shape[1]

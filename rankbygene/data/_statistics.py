@@ -145,6 +145,8 @@ class PatchStatistics(nn.Module):
     """
 
     n_statistics = len(PATCH_STATISTICS)
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, encoder: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

@@ -196,9 +196,9 @@ def normalize_batch(
         raise ValueError(f"images must be (n, 3, h, w); got shape {tuple(images.shape)}.")
     unit = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
     shape = (1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN if mean is None else mean, device=images.device)
-    std = torch.tensor(IMAGENET_STD if std is None else std, device=images.device)
-    return (unit - mean.float().view(shape)) / std.float().view(shape)
+    centre = torch.tensor(IMAGENET_MEAN if mean is None else mean, device=images.device)
+    scale = torch.tensor(IMAGENET_STD if std is None else std, device=images.device)
+    return (unit - centre.float().view(shape)) / scale.float().view(shape)
 
 
 def eval_transform(

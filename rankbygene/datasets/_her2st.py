@@ -20,6 +20,7 @@ No hashes are published for these files, so downloads are not hash-checked.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import re
@@ -299,10 +300,10 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _reconstruct() -> Any:
     try:
-        from numpy._core.multiarray import _reconstruct as function
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct as function
-    return function
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return multiarray._reconstruct
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -445,10 +446,10 @@ def _list_image(base: str, image_dir: str, section: str) -> str:
         )
         try:
             if github:  # raw.githubusercontent.com has no folder listings: ask the GitHub API
-                owner, repo, ref, folder = github.groups()
+                owner, repo, ref, subfolder = github.groups()
                 api = (
                     f"https://api.github.com/repos/{owner}/{repo}/contents/"
-                    f"{folder.rstrip('/') + '/' if folder else ''}{image_dir}?ref={ref}"
+                    f"{subfolder.rstrip('/') + '/' if subfolder else ''}{image_dir}?ref={ref}"
                 )
                 response = requests.get(api, timeout=_TIMEOUT_S)
                 response.raise_for_status()

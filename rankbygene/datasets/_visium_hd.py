@@ -191,7 +191,7 @@ def synthetic_visium_hd(
         raise ValueError(
             f"as_anndata=True returns one table: pass a single bin size (got {list(sizes)})."
         )
-    width_um, height_um = (size_um, size_um) if np.isscalar(size_um) else size_um
+    width_um, height_um = np.broadcast_to(np.asarray(size_um, dtype=float), (2,)).tolist()
     fine, largest = sizes[0], sizes[-1]
     # the grid is whole bins of the largest size, so that every coarse bin has all its fine bins
     n_cols = math.ceil(float(width_um) / largest) * (largest // fine)
@@ -249,10 +249,10 @@ def _check_args(
     length_scale_um: float,
     dataset_id: str,
 ) -> list[int]:
-    sides = [size_um] if np.isscalar(size_um) else list(size_um)
+    sides: list[Any] = [size_um] if np.isscalar(size_um) else list(size_um)
     if len(sides) not in (1, 2) or not all(float(s) > 0 for s in sides):
         raise ValueError(f"size_um must be a positive side or (width, height); got {size_um!r}.")
-    raw = [bin_sizes_um] if np.isscalar(bin_sizes_um) else list(bin_sizes_um)
+    raw: list[Any] = [bin_sizes_um] if np.isscalar(bin_sizes_um) else list(bin_sizes_um)
     if not raw or any(float(s) != int(s) or int(s) < 1 for s in raw):
         raise ValueError(f"bin_sizes_um must be positive whole microns; got {bin_sizes_um!r}.")
     sizes = sorted({int(s) for s in raw})

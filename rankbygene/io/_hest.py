@@ -119,7 +119,7 @@ def read_hest(
     counts = _counts(source, h5ad_path)
     mpp = _mpp(meta, reader)
     diameter = _spot_diameter(source, meta, mpp, h5ad_path, meta_path)
-    if reader is not None:
+    if reader is not None and wsi_path is not None:
         _check_wsi(reader, meta, coords, wsi_path, h5ad_path)
     if patches_path is not None:
         _check_patches(patches_path, source.obs_names, h5ad_path)
@@ -271,13 +271,15 @@ def _check_wsi(
     reader: ImageReader, meta: dict[str, Any], coords: np.ndarray, wsi: Path, h5ad: Path
 ) -> None:
     height, width = reader.shape
-    expected = (meta.get("fullres_px_height"), meta.get("fullres_px_width"))
-    if all(isinstance(v, int | float) for v in expected) and (
-        int(expected[0]) != height or int(expected[1]) != width
+    meta_height, meta_width = meta.get("fullres_px_height"), meta.get("fullres_px_width")
+    if (
+        isinstance(meta_height, int | float)
+        and isinstance(meta_width, int | float)
+        and (int(meta_height) != height or int(meta_width) != width)
     ):
         raise ValueError(
             f"Whole-slide image {wsi} is {width} x {height} px but the metadata says "
-            f"{int(expected[1])} x {int(expected[0])}: wrong image for this sample?"
+            f"{int(meta_width)} x {int(meta_height)}: wrong image for this sample?"
         )
     inside = (
         (coords[:, 0] >= 0) & (coords[:, 0] < width) & (coords[:, 1] >= 0) & (coords[:, 1] < height)

@@ -103,6 +103,7 @@ class SpotDataModule(pl.LightningDataModule):
             self.eval_transforms = [eval_transform(mean, std)]
 
     def _loader(self, indices: np.ndarray, train: bool) -> DataLoader:
+        source: dict[str, Any]
         if self.features is not None:
             # in training the student gets a random augmented view of the features
             source = {"features": self.features, "random_views": train}
@@ -135,12 +136,14 @@ class SpotDataModule(pl.LightningDataModule):
     def _augment(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The views of a batch of uint8 patches, made where the batch now is."""
         patches = batch[BATCH_KEYS.image]
+        augmentation = self.device_augmentation
+        assert augmentation is not None
         training = self.trainer is None or self.trainer.training
         with torch.no_grad():
             if training:
-                strong, weak = self.device_augmentation(patches)
+                strong, weak = augmentation(patches)
                 return {**batch, BATCH_KEYS.image: strong, BATCH_KEYS.image_weak: weak}
-            return {**batch, BATCH_KEYS.image: self.device_augmentation.plain(patches)}
+            return {**batch, BATCH_KEYS.image: augmentation.plain(patches)}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_idx, train=True)

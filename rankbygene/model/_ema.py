@@ -96,8 +96,8 @@ def update_ema(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"`momentum` must be in [0, 1], got {momentum}.")
-    s_params = dict(student.named_parameters())
-    t_params = dict(teacher.named_parameters())
+    s_params: dict[str, torch.Tensor] = dict(student.named_parameters())
+    t_params: dict[str, torch.Tensor] = dict(teacher.named_parameters())
     s_bufs = dict(student.named_buffers())
     t_bufs = dict(teacher.named_buffers())
     _check_matching("parameters", s_params, t_params)

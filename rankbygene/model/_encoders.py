@@ -132,6 +132,7 @@ def create_backbone(
     >>> backbone.n_features
     512
     """
+    module: nn.Module
     if isinstance(image_encoder, nn.Module):
         module = _PooledModule(image_encoder)
         name = type(image_encoder).__name__
@@ -151,7 +152,7 @@ def create_backbone(
         module = PatchStatistics(module, mean, std)
         found += PatchStatistics.n_statistics
         name = f"{name} + patch statistics"
-    return Backbone(module, found, tuple(mean), tuple(std), name)
+    return Backbone(module, found, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]), name)
 
 
 def _create_timm(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -163,7 +163,8 @@ class FeatureExtractor(nn.Module):
     def try_compile(self, **compile_kws: Any) -> FeatureExtractor:
         """Compile the teacher backbone with :func:`torch.compile` where it can be; else skip."""
         with contextlib.suppress(Exception):  # LazySlide's compile is best-effort
-            self.model.teacher_backbone = torch.compile(self.model.teacher_backbone, **compile_kws)
+            compiled = torch.compile(self.model.teacher_backbone, **compile_kws)
+            self.model.teacher_backbone = cast(torch.nn.Module, compiled)
         return self
 
     def _normalise_uint8(self, image: torch.Tensor) -> torch.Tensor:

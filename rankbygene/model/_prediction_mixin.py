@@ -21,6 +21,7 @@ from rankbygene._layout import (
 from rankbygene._logging import logger
 from rankbygene._version import __version__
 from rankbygene.data import PatchExtractor
+from rankbygene.model._model_attributes import ModelAttributes
 from rankbygene.model._prediction import (
     KnnPredictor,
     MlpPredictor,
@@ -30,7 +31,7 @@ from rankbygene.model._prediction import (
 )
 
 
-class PredictionMixin:
+class PredictionMixin(ModelAttributes):
     """``predict_expression`` of :class:`~rankbygene.model.RankByGene`."""
 
     @torch.inference_mode()
@@ -171,6 +172,7 @@ class PredictionMixin:
             "progress": None,
             "precision": precision,
         }
+        predictor: KnnPredictor | RidgePredictor | MlpPredictor
         if method == "knn":
             ref_genes = self.get_gene_representation(ref_adata, indices=ref_idx)
             predictor = KnnPredictor(k=k, temperature=self.module.tau).fit(

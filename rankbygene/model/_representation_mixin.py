@@ -16,13 +16,14 @@ from rankbygene._precision import inference_autocast
 from rankbygene._progress import progress_bar
 from rankbygene.data import normalize_batch
 from rankbygene.model._data import image_loader
+from rankbygene.model._model_attributes import ModelAttributes
 from rankbygene.model._setup import check_var_names
 
 #: Batches of embeddings kept on the device before one copy to the host.
 OUTPUTS_PER_COPY = 16
 
 
-class RepresentationMixin:
+class RepresentationMixin(ModelAttributes):
     """Image and gene embeddings of :class:`~rankbygene.model.RankByGene`."""
 
     @torch.inference_mode()
@@ -101,7 +102,11 @@ class RepresentationMixin:
         return self._embed_batches(loader, kind, progress, precision)
 
     def _embed_batches(
-        self, loader, kind: str, progress: bool | None, precision: str | None
+        self,
+        loader: torch.utils.data.DataLoader,
+        kind: Literal["embedding", "backbone"],
+        progress: bool | None,
+        precision: str | None,
     ) -> np.ndarray:
         module = self.module
         module.eval()

@@ -16,6 +16,7 @@ from rankbygene.model._checkpoint import (
     check_finite_state,
     verify_checksums,
 )
+from rankbygene.model._model_attributes import ModelAttributes
 from rankbygene.model._model_folder import (
     earlier_leftovers,
     remove_leftovers,
@@ -25,7 +26,7 @@ from rankbygene.model._model_folder import (
 from rankbygene.model._setup import check_var_names
 
 
-class SaveLoadMixin:
+class SaveLoadMixin(ModelAttributes):
     """``save``/``load`` of :class:`~rankbygene.model.RankByGene`: atomic and verified."""
 
     def save(

@@ -97,7 +97,7 @@ def validate_setup(
         if n_bad:
             raise ValueError(f"adata.obsm[{features_key!r}] has {n_bad} NaN or infinite values.")
     else:
-        sources = image_sources(adata, np.unique(libraries), image_key=image_key)
+        sources = image_sources(adata, list(np.unique(libraries)), image_key=image_key)
         validate_layout(
             adata,
             sources,

@@ -26,9 +26,10 @@ from rankbygene.model._data import (
     SpotDataModule,
     training_loader_settings,
 )
+from rankbygene.model._model_attributes import ModelAttributes
 
 
-class TrainingMixin:
+class TrainingMixin(ModelAttributes):
     """``train`` of :class:`~rankbygene.model.RankByGene` (Lightning through scvi-tools)."""
 
     def train(

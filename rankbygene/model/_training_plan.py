@@ -118,8 +118,8 @@ class RankByGeneTrainingPlan(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Remember the weights to fall back on when training is interrupted.
         metrics = self.trainer.callback_metrics
-        current = metrics.get("validation_loss", metrics.get("train_loss"))
-        current = float(current) if current is not None else float("inf")
+        logged = metrics.get("validation_loss", metrics.get("train_loss"))
+        current = float(logged) if logged is not None else float("inf")
         if current <= self._best_loss or self.best_state is None:
             self._best_loss = current
             self.best_epoch = self.current_epoch

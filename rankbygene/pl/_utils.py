@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
@@ -22,7 +23,7 @@ def new_axes(
     if ax is not None:
         if n_panels != 1:
             raise ValueError(f"ax= takes one panel; this plot draws {n_panels}. Leave ax=None.")
-        return ax.figure, [ax]
+        return cast(Figure, ax.figure), [ax]
     ncols = max(1, min(ncols, n_panels))
     nrows = -(-n_panels // ncols)
     fig, axes = plt.subplots(

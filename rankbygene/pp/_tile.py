@@ -170,6 +170,7 @@ def tile_slide(
     if not (isinstance(mask_mpp, int | float) and math.isfinite(mask_mpp) and mask_mpp > 0):
         raise ValueError(f"mask_mpp must be a positive number; got {mask_mpp!r}.")
     boxes = None
+    reader: ImageReader
     if is_wsidata(path):
         reader = WSIDataImage(path, mpp=mpp)
         if reader.path is None:
@@ -203,7 +204,11 @@ def tile_slide(
         reader.close()
 
 
-def open_slide(path: str | Path, mpp: float | None = None, backend: str = "auto") -> ImageReader:
+def open_slide(
+    path: str | Path,
+    mpp: float | None = None,
+    backend: Literal["auto", "pil", "tifffile", "openslide"] = "auto",
+) -> ImageReader:
     """Open a slide and check that its microns per pixel are known, naming the file if not.
 
     Examples
@@ -260,6 +265,7 @@ def _tile(
     boxes: TileBoxes | None = None,
 ) -> AnnData:
     height, width = reader.shape
+    assert reader.mpp is not None  # checked by open_slide
     mpp = float(reader.mpp)
     if boxes is not None:
         tile_size_um, stride_um = boxes.side * mpp, boxes.stride * mpp
@@ -382,6 +388,7 @@ def _mask_scale(reader: ImageReader, side: int, level: int | None, mask_mpp: flo
     height, width = reader.shape
     if level is not None:
         return 1.0 / reader.level_downsamples[level]
+    assert reader.mpp is not None  # checked by open_slide
     scale = max(float(reader.mpp) / mask_mpp, _MASK_MIN_TILE_PX / side)
     return min(1.0, scale, _MASK_MAX_SIDE / max(height, width))
 
@@ -392,8 +399,8 @@ def _grid(
     """Grid rows, columns and top-left corners of the tiles that lie inside the slide."""
     xs = np.arange(0, width - side + 1, stride, dtype=np.int64)
     ys = np.arange(0, height - side + 1, stride, dtype=np.int64)
-    rows, cols = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
-    rows, cols = rows.ravel(), cols.ravel()
+    grid_rows, grid_cols = np.meshgrid(np.arange(len(ys)), np.arange(len(xs)), indexing="ij")
+    rows, cols = grid_rows.ravel(), grid_cols.ravel()
     return rows, cols, xs[cols], ys[rows]
 
 

@@ -109,7 +109,7 @@ def as_table(
             raise ValueError(f"features must be a non-empty 2-D table; got shape {matrix.shape}.")
         if not np.isfinite(matrix).all():
             raise ValueError("features have NaN or infinite values.")
-    else:
+    elif bags is not None:
         for slide_id, bag in bags.items():
             check_bag(bag, f"bag of slide {slide_id!r}")
         if len({b.shape[1] for b in bags.values()}) > 1:
@@ -127,6 +127,8 @@ def slide_matrix(matrix: np.ndarray | None, bags: Bags | None) -> np.ndarray:
     """
     if matrix is not None:
         return matrix
+    if bags is None:
+        raise ValueError("Give a slides x features matrix or bags of tile features.")
     return mean_pool(bags).to_numpy()
 
 

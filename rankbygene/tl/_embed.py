@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -258,7 +258,7 @@ class _Run:
         errors = [found["error"] for found in checked if found["error"] is not None]
         if errors:
             raise own["error"] or errors[0]
-        merged = {key: {} for key in ("status", "n_tiles", "mismatched")}
+        merged: dict[str, dict[str, Any]] = {key: {} for key in ("status", "n_tiles", "mismatched")}
         unverified = set()
         for found in checked:
             for key in merged:
@@ -322,7 +322,7 @@ class _Run:
                     # the tiles tile_slide will make, checked now, not when the slide is reached
                     geometry = ImageSource(
                         slide_id,
-                        round(self.tile_size_um / reader.mpp),
+                        round(self.tile_size_um / float(cast(float, reader.mpp))),
                         path=Path(path).resolve(),
                         tile_size_um=self.tile_size_um,
                     )

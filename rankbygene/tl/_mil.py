@@ -125,6 +125,12 @@ class SlideClassifier:
     >>> clf.attention(new_bags["slide_7"])  # weight of each tile  # doctest: +SKIP
     """
 
+    #: Set by fit: the classes, and for method="abmil" the network and the feature scaling.
+    classes_: np.ndarray
+    _net: GatedAttentionMIL
+    _mean: np.ndarray
+    _std: np.ndarray
+
     def __init__(
         self,
         method: Literal["logistic", "abmil"] = "logistic",
@@ -154,14 +160,10 @@ class SlideClassifier:
         self.max_tiles = max_tiles
         self.device = device
         self.seed = seed
-        self.classes_: np.ndarray | None = None
         self._estimator: Any = None
-        self._net: GatedAttentionMIL | None = None
-        self._mean: np.ndarray | None = None
-        self._std: np.ndarray | None = None
 
     def __repr__(self) -> str:
-        return f"SlideClassifier(method={self.method!r}, fitted={self.classes_ is not None})"
+        return f"SlideClassifier(method={self.method!r}, fitted={self._is_fitted()})"
 
     # ------------------------------------------------------------------ API
 
@@ -280,8 +282,12 @@ class SlideClassifier:
             attentions.append(attention[0].cpu().numpy())
         return np.stack(probabilities).astype(np.float64), attentions
 
+    def _is_fitted(self) -> bool:
+        # as scikit-learn: the fitted attributes (trailing underscore) exist only after fit
+        return hasattr(self, "classes_")
+
     def _check_fitted(self) -> None:
-        if self.classes_ is None:
+        if not self._is_fitted():
             raise RuntimeError("This SlideClassifier is not fitted: call fit() first.")
 
 

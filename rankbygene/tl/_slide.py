@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ from rankbygene.tl._slide_files import SUFFIX, partial_files
 
 __all__ = ["check_bag", "mean_pool", "slide_features"]
 
-SlideInput = (
+SlideInput: TypeAlias = (
     AnnData | Sequence[AnnData] | Mapping[str, AnnData] | pd.DataFrame | pd.Series | str | Path
 )
 Bags = dict[str, np.ndarray]

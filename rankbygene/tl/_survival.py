@@ -227,10 +227,10 @@ def _check_time(values: np.ndarray, ids: list[str]) -> np.ndarray:
         raise ValueError(f"time is missing or infinite for {int(bad.sum())} slides (e.g. {first}).")
     negative = times < 0
     if negative.any():
-        first = {ids[i]: float(times[i]) for i in np.flatnonzero(negative)[:3]}
+        examples = {ids[i]: float(times[i]) for i in np.flatnonzero(negative)[:3]}
         raise ValueError(
             f"time must be non-negative; {int(negative.sum())} slides have negative times "
-            f"(e.g. {first})."
+            f"(e.g. {examples})."
         )
     return times
 
