@@ -16,6 +16,7 @@ from anndata import AnnData
 from conftest import HER2ST, requires_her2st
 from PIL import Image
 
+import rankbygene.data._patch_cache as patch_cache_module
 import rankbygene.data._patches as patches_module
 from rankbygene._layout import ImageSource
 from rankbygene.data import PatchExtractor
@@ -482,7 +483,7 @@ def test_interrupted_cache_rebuild_leaves_no_stale_mask(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         replace(src, dst)
 
-    monkeypatch.setattr(patches_module.os, "replace", killed_after_first)
+    monkeypatch.setattr(patch_cache_module.os, "replace", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
         PatchExtractor(adata, **kwargs)
     monkeypatch.undo()

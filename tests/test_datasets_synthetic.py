@@ -8,7 +8,8 @@ import pytest
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene.datasets._synthetic import CELL_TYPES, REGION_TYPES, synthetic
+from rankbygene.datasets._synthetic import synthetic
+from rankbygene.datasets._tissue_render import CELL_TYPES, REGION_TYPES
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from rankbygene._logging import logger
-from rankbygene.datasets._synthetic import REGION_TYPES, synthetic
+from rankbygene.datasets._synthetic import synthetic
+from rankbygene.datasets._tissue_render import REGION_TYPES
 from rankbygene.io import write_pyramidal_tiff
 
 __all__ = ["synthetic_cohort"]

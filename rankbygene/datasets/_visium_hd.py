@@ -31,16 +31,14 @@ from rankbygene._constants import (
 from rankbygene._layout import scaled_size, shrink, spatial_entry, thumbnails
 from rankbygene._logging import logger
 from rankbygene.datasets._synthetic import (
-    CELL_TYPES,
     REFERENCE_SPOT_AREA,
-    REGION_TYPES,
     ambient_expression,
     driver_amounts,
     gene_dispersions,
     gene_programs,
-    render_tissue,
     sample_counts,
 )
+from rankbygene.datasets._tissue_render import CELL_TYPES, REGION_TYPES, render_tissue
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

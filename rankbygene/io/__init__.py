@@ -84,7 +84,8 @@ from rankbygene._image import (
     write_pyramidal_tiff,
 )
 from rankbygene.io._hest import read_hest
-from rankbygene.io._spatialdata import from_spatialdata, to_spatialdata
+from rankbygene.io._spatialdata_read import from_spatialdata
+from rankbygene.io._spatialdata_write import to_spatialdata
 from rankbygene.io._st import infer_spot_diameter, read_st
 
 __all__ = [
