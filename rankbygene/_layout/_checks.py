@@ -355,8 +355,7 @@ def _decode_one_patch(reader: ImageReader, xy: np.ndarray, source: ImageSource) 
 
 def _decode_first_patch(source: ImageSource) -> None:
     """Decode the first row of the library's file of precomputed patches."""
-    assert source.patches_path is not None  # a library of precomputed patches
-    with _naming_the_image(source), PatchFile(source.patches_path) as patches:
+    with _naming_the_image(source), PatchFile(source.file) as patches:
         if patches.image_key is not None and patches.image_shape[0]:
             patches.read(0)
     if patches.image_key is None:

@@ -89,6 +89,14 @@ class ImageSource:
             return "memory"
         return "patches"
 
+    @property
+    def file(self) -> Path:
+        """The file the pixels are read from: the image, or the HDF5 file of patches."""
+        file = self.path if self.path is not None else self.patches_path
+        if file is None:
+            raise ValueError(f"Library {self.library_id!r} has its image in memory, not in a file.")
+        return file
+
     def open(self, adata: AnnData | None = None) -> ImageReader:
         """Open the pixels: the file, or the in-memory image of ``adata``."""
         if self.kind == "patches":

@@ -73,7 +73,8 @@ class PatchCache:
         sums[slot] = _checksum(patch)  # after the pixels: a reader never sees half a patch
 
     def flush(self) -> None:
-        if self.path is not None and self._store is not None:
+        # np.memmap, on disk (np.ndarray has no flush)
+        if isinstance(self._store, np.memmap) and isinstance(self._sums, np.memmap):
             self._store.flush()
             self._sums.flush()
 
@@ -93,6 +94,8 @@ class PatchCache:
                 self._sums = np.zeros(self.shape[0], dtype=np.uint64)
             else:
                 self._open_files(create)
+        assert self._store is not None
+        assert self._sums is not None
         return self._store, self._sums
 
     def _open_files(self, create: bool) -> None:
@@ -101,6 +104,7 @@ class PatchCache:
         ``create=False`` (a process that received the cache) requires both files to exist.
         """
         path = self.path
+        assert path is not None  # a disk cache
         sums_path = path.with_suffix(".sums.npy")
         shape = self.shape
         if not create and not (path.is_file() and sums_path.is_file()):

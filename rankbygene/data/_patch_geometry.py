@@ -112,10 +112,10 @@ class PatchGeometry:
                     array = as_rgb_uint8(array)
                     array[missing] = BACKGROUND
                 self.arrays[lib] = array
-                self.shapes[lib] = tuple(array.shape[:2])
+                self.shapes[lib] = (int(array.shape[0]), int(array.shape[1]))
             else:
-                with open_image(source.path) as reader:  # the header only, nothing decoded
-                    self.shapes[lib] = tuple(reader.shape)
+                with open_image(source.file) as reader:  # the header only, nothing decoded
+                    self.shapes[lib] = reader.shape
             side = source.spot_diameter_fullres * patch_scale * source.scale
             centres = coords[spots] * source.scale
             self.boxes[spots, 0] = centres[:, 0] - side / 2
@@ -157,7 +157,7 @@ class PatchGeometry:
                 f"{int(nonfinite.sum())} spots whose patch holds NaN or infinite pixels "
                 f"({self._per_library(nonfinite)}; such pixels per image: {pixels})"
             )
-        found = " and ".join(found)
+        message = " and ".join(found)
         if outside.all():
             hint = (
                 " None has a patch: are obsm coordinates in full-resolution pixels, and is the "
@@ -167,18 +167,18 @@ class PatchGeometry:
             hint = ""
         if out_of_bounds == "pad":
             warnings.warn(
-                f"{found}: their missing pixels are white (out_of_bounds='pad').{hint}",
+                f"{message}: their missing pixels are white (out_of_bounds='pad').{hint}",
                 UserWarning,
                 stacklevel=3,
             )
             return np.ones(self.n_obs, dtype=bool)
         if out_of_bounds == "drop":
             if lacking.all():
-                raise ValueError(f"All {self.n_obs} spots would be dropped: {found}.{hint}")
-            logger.info(f"dropped {found}")
+                raise ValueError(f"All {self.n_obs} spots would be dropped: {message}.{hint}")
+            logger.info(f"dropped {message}")
             return ~lacking
         raise ValueError(
-            f"{found}. Pass out_of_bounds='pad' to fill the missing pixels with white, or "
+            f"{message}. Pass out_of_bounds='pad' to fill the missing pixels with white, or "
             f"out_of_bounds='drop' to exclude them.{hint}"
         )
 
@@ -285,7 +285,7 @@ def check_resolution(
 
 def _match_patch_rows(source: ImageSource, names: np.ndarray) -> tuple[tuple[int, int], np.ndarray]:
     """Shape of the stored patches and, per spot, its row in the file (-1 when absent)."""
-    path = source.patches_path
+    path = source.file
     try:
         with PatchFile(path) as patches:
             for key, candidates in (

@@ -243,7 +243,7 @@ class PatchExtractor:
     def __iter__(self) -> Iterator[np.ndarray]:
         """Patches of the kept spots, in AnnData order."""
         for i in self.indices:
-            yield self[i]
+            yield self[int(i)]
 
     @property
     def n_cached(self) -> int:
@@ -376,9 +376,9 @@ class PatchExtractor:
         if source.kind == "memory":
             reader = open_image(self._arrays[lib])  # a converted copy
         elif source.kind == "patches":
-            reader = PatchFile(source.patches_path)
+            reader = PatchFile(source.file)
         else:
-            reader = open_image(source.path)
+            reader = open_image(source.file)
         if lib in self._opened and source.kind != "memory":
             self._reopens += 1
             self._warn_thrash()
@@ -431,9 +431,9 @@ class PatchExtractor:
                 array = self._arrays[lib]
                 add(type(array).__name__, getattr(array, "name", None), str(array.dtype))
             elif source.kind == "memory":
-                add(memoryview(np.ascontiguousarray(self._arrays[lib])).cast("B"))
+                add(np.ascontiguousarray(self._arrays[lib]).data.cast("B"))
             else:
-                path = source.path if source.kind == "file" else source.patches_path
+                path = source.file
                 stat = path.stat()
                 add(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
                 if source.kind == "patches":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ _AMBIENT_SHARE = 0.03
 # What drives expression: cell counts, or region areas (in cell equivalents per full spot) for
 # the cells that are not counted as nuclei (vessels and matrix-associated cells of stroma,
 # adipocytes). Relative RNA content per unit; the gene programs (``var["driver"]``) they carry.
-_DRIVERS = {
+_DRIVERS: dict[str, dict[str, Any]] = {
     "tumor": {"rna": 1.0, "program": "tumor"},
     "tumor_cycling": {"rna": 1.6, "program": "tumor"},
     "lymphocyte": {"rna": 0.35, "program": "immune"},
@@ -280,9 +281,9 @@ def _hex_grid(n_spots: int, spacing: float) -> tuple[np.ndarray, np.ndarray, np.
     n_rows = max(2, round(math.sqrt(n_spots * spacing / row_step)))
     n_cols = max(2, round(n_spots / n_rows))
     margin = 1.5 * spacing
-    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
-    cols = 2 * cols + (rows % 2)
-    rows, cols = rows.ravel(), cols.ravel()
+    grid_rows, grid_cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    grid_cols = 2 * grid_cols + (grid_rows % 2)
+    rows, cols = grid_rows.ravel(), grid_cols.ravel()
     xy = np.column_stack([margin + cols * spacing / 2, margin + rows * row_step])
     width = math.ceil(2 * margin + (2 * n_cols - 1) * spacing / 2)
     height = math.ceil(2 * margin + (n_rows - 1) * row_step)
@@ -475,7 +476,7 @@ def sample_counts(
     # Ambient RNA (diffused from the rest of the slide) gives near-empty spots a few counts.
     mu += _AMBIENT_SHARE * mu.mean(axis=0) if ambient is None else ambient
     # Capture efficiency varies from spot to spot.
-    mu *= rng.lognormal(0.0, 0.3, n_spots)[:, None]
+    mu *= rng.lognormal(0.0, 0.3, (n_spots, 1))
     if theta is None:
         theta = gene_dispersions(rng, n_genes)
     lam = rng.gamma(theta[None, :], mu / theta[None, :])

@@ -166,18 +166,18 @@ def to_spatialdata(
             f"adata has no {missing} in obsm, layers or obs (obsm: {list(adata.obsm)}, "
             f"layers: {list(adata.layers)})."
         )
-    found = {key: where for key, where in found.items() if where is not None}
+    located = {key: where for key, where in found.items() if where is not None}
     if sdata is None:
         if write:
             raise ValueError(
                 "write=True writes into the zarr store of sdata; a new object has none: save it "
                 "with sdata.write(path)."
             )
-        return _new_spatialdata(adata, found, table_key, library_key, instance_key)
+        return _new_spatialdata(adata, located, table_key, library_key, instance_key)
     check_element_names([n for n in (key_added, predicted_table_key) if n is not None], "table")
     if write:
-        _check_writable(adata, sdata, found, table_key, key_added)
-    new_tables = _write_into(adata, sdata, found, table_key, predicted_table_key, key_added)
+        _check_writable(adata, sdata, located, table_key, key_added)
+    new_tables = _write_into(adata, sdata, located, table_key, predicted_table_key, key_added)
     if write:
         _write_tables(sdata, new_tables)
     return sdata
@@ -477,5 +477,5 @@ def _sharpest_image(entry: Mapping[str, Any], library: str) -> tuple[str, Any, f
     if not scales:
         logger.warning("library %r: no image with a scale factor; circles only", library)
         return None
-    key = max(scales, key=scales.get)
+    key = max(scales, key=lambda name: scales[name])
     return key, entry[IMAGES_KEY][key], scales[key]
