@@ -89,9 +89,6 @@ METADATA_TISSUE_THRESHOLD = "tissue_threshold"
 METADATA_SATURATION_THRESHOLD = "saturation_threshold"
 
 # What setup_anndata takes for data in the wrong units.
-#: Expression whose values are not all integers and all stay below this looks log-normalised
-#: (log1p of counts normalised to 1e4 or 1e6 per spot stays below 10 or 14), not like counts.
-LOG_NORMALIZED_MAX = 20.0
 #: Spots closer to their nearest neighbour than this many spot diameters (median) would overlap:
 #: their coordinates (or the diameter) are not in full-resolution pixels.
 MIN_SPOT_SPACING = 0.5

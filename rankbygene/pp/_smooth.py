@@ -15,7 +15,7 @@ from rankbygene._constants import SMOOTHED_LAYER_KEY, SMOOTHED_LAYER_SUFFIX, SPA
 from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key, spot_libraries
 from rankbygene._logging import logger, quiet_third_party_imports
-from rankbygene.pp._normalize import get_matrix, matrix_name, stored_values
+from rankbygene._matrix import get_matrix, matrix_name, stored_values
 
 __all__ = ["smooth_expression", "smoothed_layer_key"]
 
