@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scipy import sparse
-from scvi import REGISTRY_KEYS, settings
+from scvi import settings
 
 from rankbygene._docs import d
 from rankbygene._precision import inference_autocast
 from rankbygene._progress import progress_bar
 from rankbygene.data import normalize_batch
+from rankbygene.model._constants import REGISTRY_KEYS
 from rankbygene.model._data import image_loader
 from rankbygene.model._setup import check_var_names
 
@@ -187,9 +188,9 @@ class RepresentationMixin:
             if self.adata_manager
             else [
                 str(g)
-                for g in self.registry_["field_registries"]["X"]["state_registry"].get(
-                    "column_names", []
-                )
+                for g in self.registry_["field_registries"][REGISTRY_KEYS.X_KEY][
+                    "state_registry"
+                ].get("column_names", [])
             ]
         )
 

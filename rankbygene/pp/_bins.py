@@ -12,11 +12,13 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import (
+from rankbygene._constants import N_BINS_KEY
+from rankbygene._docs import d
+from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
+from rankbygene._layout._keys import (
     ARRAY_COL_KEY,
     ARRAY_ROW_KEY,
     IN_TISSUE_KEY,
-    N_BINS_KEY,
     SCALEFACTOR_AGGREGATED_BIN_SIZE_UM,
     SCALEFACTOR_BIN_SIZE_UM,
     SCALEFACTOR_MPP,
@@ -25,8 +27,6 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     SPATIALDATA_ATTRS_KEY,
 )
-from rankbygene._docs import d
-from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
 
 __all__ = ["aggregate_bins"]

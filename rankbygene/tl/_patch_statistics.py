@@ -7,8 +7,9 @@ from typing import Literal
 import numpy as np
 from anndata import AnnData
 
-from rankbygene._constants import PATCH_STATISTICS_KEY, SPATIAL_KEY
+from rankbygene._constants import PATCH_STATISTICS_KEY
 from rankbygene._docs import d
+from rankbygene._layout._keys import SPATIAL_KEY
 from rankbygene._logging import logger
 from rankbygene.data._patches import PatchExtractor
 from rankbygene.data._statistics import PATCH_STATISTICS, patch_statistics_tensor
