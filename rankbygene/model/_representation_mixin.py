@@ -48,9 +48,8 @@ class RepresentationMixin:
 
         Parameters
         ----------
-        adata
-            AnnData with ``obsm["spatial"]`` and images (or ``obsm[features_key]``); default:
-            the AnnData of the model.
+        %(adata_model)s
+            With precomputed features, ``obsm[features_key]`` stands in for the images.
         indices
             Spots to embed (default: all).
         %(batch_size)s
@@ -150,7 +149,7 @@ class RepresentationMixin:
         indices
             Spots (default: all).
         batch_size
-            Spots per forward pass.
+            Spots per forward pass; ``None``: ``scvi.settings.batch_size``.
 
         Returns
         -------

@@ -80,8 +80,8 @@ def aggregate_bins(
 
     Parameters
     ----------
-    adata
-        Bins in the package's AnnData layout (e.g. from :func:`rankbygene.io.from_spatialdata`).
+    %(adata)s
+        Bins (e.g. from :func:`rankbygene.io.from_spatialdata`).
     size_um
         Side of a pseudo-spot in microns: a whole multiple of the bin size (e.g. 32 or 48 um
         from 8 um bins; 56 um is the nearest to a Visium spot's 55 um).

@@ -43,8 +43,7 @@ def patch_statistics(
 
     Parameters
     ----------
-    adata
-        AnnData in the scanpy/squidpy spatial layout.
+    %(adata)s
     %(library_key)s
     spatial_key, image_key, patch_scale, patch_size
         Patch geometry, as :class:`~rankbygene.data.PatchExtractor`; use the model's
