@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-from rankbygene._constants import QUIET_IMPORT_WARNINGS, QUIET_RUN_WARNINGS
 from rankbygene._logging import (
+    QUIET_IMPORT_WARNINGS,
+    QUIET_RUN_WARNINGS,
     logger,
     parse_verbosity,
     quiet_lightning_tips,

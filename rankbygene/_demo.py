@@ -102,6 +102,7 @@ def _run_demo(
     seed: int,
     progress: bool,
 ) -> dict:
+    import matplotlib.pyplot as plt
     import scvi
 
     import rankbygene as rbg
@@ -159,7 +160,8 @@ def _run_demo(
         adata, library_key="library_id"
     )
     adata.obsm[GENE_EMBEDDING_KEY] = _gene_embedding(model, adata)
-    _plot_history(model, out / "loss.png")
+    axes = rbg.pl.history(model, show=False, save=out / "loss.png")
+    plt.close(axes[0].figure)
     _write_h5ad(adata, out / "adata.h5ad")
 
     summary = {
@@ -283,25 +285,6 @@ def _plot_patches(patches, path: Path, n: int = 8) -> None:
         ax.set_title(f"spot {i}", fontsize=8)
         ax.axis("off")
     fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _plot_history(model, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    terms = ["loss", "contrastive", "rank", "distill", "rank_agreement"]
-    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3))
-    for ax, term in zip(axes, terms, strict=True):
-        for split in ("train", "validation"):
-            key = f"{split}_{term}"
-            if key in model.history:
-                frame = model.history[key]
-                ax.plot(frame.index, frame[key].astype(float), label=split)
-        ax.set_title(term)
-        ax.set_xlabel("epoch")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 

@@ -55,8 +55,8 @@ batch_size
 
 _num_workers = """\
 num_workers
-    DataLoader workers reading patches while the encoder runs; ``None``: one per spare CPU core,
-    up to 8, on Linux for more than two batches, otherwise none."""
+    DataLoader workers reading patches while the encoder runs; ``None``: one per CPU core but
+    one, up to 8 (16 beside a GPU), on Linux for three batches or more; otherwise none."""
 
 #: The processor: ``@d.dedent`` fills ``%(name)s`` in a docstring.
 d = DocstringProcessor(

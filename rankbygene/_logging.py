@@ -15,14 +15,29 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from numbers import Integral
 
-from rankbygene._constants import (
-    LIGHTNING_RANK_ZERO_LOGGERS,
-    LIGHTNING_TIP_PREFIX,
-    LOGGER_NAME,
-    QUIET_IMPORT_WARNINGS,
-    SCVI_LOGGER_NAME,
-    SCVI_TRAINING_EXCEPTION_PRINT,
+#: The package's logger.
+LOGGER_NAME = "rankbygene"
+#: scvi-tools' logger: its INFO lines (e.g. "Generating sequential column names" at each setup,
+#: "File model.pt already downloaded" at each load) show only at the package's verbosity.
+SCVI_LOGGER_NAME = "scvi"
+#: Lightning's advertisement lines start with this; its loggers that emit them.
+LIGHTNING_TIP_PREFIX = "💡 Tip"
+LIGHTNING_RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
 )
+#: What scvi-tools' TrainRunner prints (to stdout, with the NameError class whatever the
+#: exception) when training raises, interruptions included; the exception itself propagates.
+SCVI_TRAINING_EXCEPTION_PRINT = "Exception raised during training."
+#: (category, emitting module) of third-party warnings raised on import that say nothing about
+#: the user's code: docrep's complaints about squidpy's docstrings, and tqdm's "IProgress not
+#: found" when scvi-tools imports ``tqdm.auto`` in Jupyter without ipywidgets (the package's
+#: own bars do without ipywidgets; tqdm raises no other warning on import).
+QUIET_IMPORT_WARNINGS = ((SyntaxWarning, r"docrep(\.|$)"), (Warning, r"tqdm\.auto"))
+#: (category, emitting module) of third-party warnings the command line and ``train()`` drop:
+#: Lightning 2.6 calling an API that PyTorch deprecated.
+QUIET_RUN_WARNINGS = ((FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),)
+
 
 __all__ = [
     "Settings",

@@ -6,19 +6,22 @@ import numpy as np
 from scipy import sparse
 from scipy.stats import rankdata
 
+from rankbygene._matrix import log1p_normalized
+
 
 def log_normalize(counts, target_sum: float = 1e4) -> np.ndarray:
     """Library-size normalisation and log1p of a counts matrix, as a dense float32 array.
+
+    ``log1p(counts / total * target_sum)`` per spot (:func:`scanpy.pp.normalize_total` then
+    :func:`scanpy.pp.log1p`, as :func:`rankbygene.pp.normalize`); spots without counts stay 0.
 
     Examples
     --------
     >>> log_normalize(np.array([[1.0, 3.0]]), target_sum=4)
     array([[0.6931472, 1.3862944]], dtype=float32)
     """
-    counts = counts.toarray() if sparse.issparse(counts) else np.asarray(counts, dtype=np.float64)
-    size = counts.sum(axis=1, keepdims=True)
-    size[size == 0] = 1.0
-    return np.log1p(counts / size * target_sum).astype(np.float32)
+    values = log1p_normalized(counts, target_sum)
+    return values.toarray() if sparse.issparse(values) else np.asarray(values)
 
 
 def pearson_per_gene(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ Every progress bar of the package comes from :func:`progress_bar`:
   output, ``2> log.txt``), and tqdm's notebook bar without ipywidgets prints "IProgress not
   found" instead.
 
-Work that ends within :data:`~rankbygene._constants.PROGRESS_DELAY_S` shows no bar at all.
+Work that ends within :data:`PROGRESS_DELAY_S` shows no bar at all.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 
 from tqdm.std import tqdm as std_tqdm
 
-from rankbygene._constants import PROGRESS_DELAY_S
+#: Seconds of work before a progress bar shows: shorter work shows none.
+PROGRESS_DELAY_S = 2.0
+
 
 __all__ = ["FinalLineTqdm", "progress_bar"]
 

@@ -61,6 +61,7 @@ def _keys_written() -> dict[str, str]:
     """Key -> the package file that writes it, from the package's source."""
     import rankbygene
     from rankbygene import _constants
+    from rankbygene._layout import _keys
 
     written = {}
     package = Path(rankbygene.__file__).parent
@@ -69,7 +70,7 @@ def _keys_written() -> dict[str, str]:
         source = re.sub(r"^\s*(?:>>>|\.\.\.) .*$", "", path.read_text(), flags=re.M)
         for pattern in _WRITTEN_CONSTANT:
             for name in pattern.findall(source):
-                value = getattr(_constants, name, None)
+                value = getattr(_constants, name, getattr(_keys, name, None))
                 if isinstance(value, str):
                     written.setdefault(value, f"{path.relative_to(package)} ({name})")
         for key in _WRITTEN_LITERAL.findall(source):

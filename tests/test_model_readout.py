@@ -7,7 +7,7 @@ import pytest
 from sklearn.linear_model import Ridge
 
 from rankbygene._metrics import pearson_per_gene
-from rankbygene.model._prediction import RIDGE_ALPHAS, RidgePredictor, with_neighbor_context
+from rankbygene.model._readout import RIDGE_ALPHAS, RidgePredictor, with_neighbor_context
 
 
 def _slides(seed=0, n_slides=3, n_spots=80, n_features=30, n_genes=12):
@@ -104,7 +104,7 @@ def test_neighbor_context_helps_where_expression_follows_the_surroundings():
 def test_mlp_read_out_leaves_the_global_random_state_alone():
     import torch
 
-    from rankbygene.model._prediction import MlpPredictor
+    from rankbygene.model._readout import MlpPredictor
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 4)).astype(np.float32)

@@ -494,3 +494,33 @@ def test_normalize_inplace_false_returns_the_values_and_writes_nothing(adata):
     with pytest.raises(ValueError, match="inplace=False"):
         pp.normalize(adata, layer="counts", inplace=False, copy=True)
     assert _keys(adata) == before
+
+
+@pytest.mark.parametrize("to_sparse", [False, True])
+def test_log_normalisations_agree(to_sparse):
+    # the same counts through pp.normalize, tl.log_normalize, scanpy itself and the model's
+    # torch version (run on each batch): one transform, whatever the caller
+    import scanpy as sc
+    import torch
+
+    from rankbygene import tl
+    from rankbygene.model import RankByGeneModule
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.gamma(0.5, 4.0, size=(40, 30))).astype(np.float32)
+    counts[3] = 0  # a spot without counts stays zero everywhere
+    x = sparse.csr_matrix(counts) if to_sparse else counts
+    adata = AnnData(X=x.copy())
+    pp.normalize(adata, target_sum=1e4)
+    reference = AnnData(X=x.copy())
+    sc.pp.normalize_total(reference, target_sum=1e4)
+    sc.pp.log1p(reference)
+    module = RankByGeneModule(n_genes=counts.shape[1], backbone=None, n_input_features=8)
+    with torch.no_grad():
+        in_torch = module.log_normalize(torch.as_tensor(counts)).numpy()
+
+    expected = _dense(reference.X)
+    assert expected[3].max() == 0
+    assert expected.max() > 5
+    for values in (_dense(adata.layers["lognorm"]), tl.log_normalize(x), in_torch):
+        np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-5)

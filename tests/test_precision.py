@@ -161,7 +161,7 @@ def test_prediction_in_bf16_agrees_with_float32(statistics_model):
 
 
 def test_mlp_readout_stays_float32_under_autocast():
-    from rankbygene.model._prediction import MlpPredictor
+    from rankbygene.model._readout import MlpPredictor
 
     rng = np.random.default_rng(0)
     features = rng.normal(size=(60, 5)).astype(np.float32)

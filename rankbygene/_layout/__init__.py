@@ -11,7 +11,7 @@
   thumbnails (:func:`spatial_entry`, :func:`thumbnails`), for the readers, ``tile_slide`` and
   the synthetic data.
 
-The keys themselves are in :mod:`rankbygene._constants`. Pixels are read through
+The keys themselves are in :mod:`~rankbygene._layout._keys`. Pixels are read through
 :mod:`rankbygene._image`, below this package; the slide readers of :mod:`rankbygene.io`, above
 it, build their entries here (``tests/test_imports.py`` checks the direction).
 """

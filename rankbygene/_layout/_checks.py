@@ -16,23 +16,36 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import (
-    COMMON_COORDINATE_FACTORS,
-    CORNER_FRACTION,
-    IMAGES_KEY,
-    MIN_SPOT_SPACING,
-    OUTSIDE_IMAGE_FRACTION,
-    PLAUSIBLE_SPOT_SPACING,
-    SCALEFACTORS_KEY,
-    SPATIAL_KEY,
-    SWAPPED_OUTSIDE_FRACTION,
-    TYPICAL_SPOT_SPACING,
-)
 from rankbygene._image import PATCH_IMAGE_KEYS, ImageReader, PatchFile, PILImage
 from rankbygene._layout._entry import scalefactor_image
+from rankbygene._layout._keys import IMAGES_KEY, SCALEFACTORS_KEY, SPATIAL_KEY
 from rankbygene._layout._sources import ImageSource, spatial_coordinates
 from rankbygene._layout._tissue_check import layout_thumbnail, tissue_finding
 from rankbygene._logging import logger
+
+# What setup_anndata takes for coordinates in the wrong units.
+#: Spots closer to their nearest neighbour than this many spot diameters (median) would overlap:
+#: their coordinates (or the diameter) are not in full-resolution pixels.
+MIN_SPOT_SPACING = 0.5
+#: Spacing in spot diameters that a correction of the coordinates must restore to be a likely
+#: one (arrays of touching spots or bins have about 1, Visium 1.8, legacy ST 2).
+PLAUSIBLE_SPOT_SPACING = (0.8, 4.0)
+#: Centre-to-centre distance in spot diameters of the usual arrays (Visium 100 um / 55 um, legacy
+#: ST 200 um / 100 um): the spacing a likely correction of the coordinates should restore.
+TYPICAL_SPOT_SPACING = 1.8
+#: Spots whose extent stays within this fraction of the full-resolution image on both axes lie
+#: in its top-left corner, as coordinates in downscaled-image pixels do.
+CORNER_FRACTION = 1 / 3
+#: Share of spots outside the image above which spots that all fit once x and y are exchanged
+#: are taken for swapped coordinates.
+SWAPPED_OUTSIDE_FRACTION = 0.1
+#: Share of spots outside the image above which the coordinates (or the image's scale factor)
+#: are taken for another unit: patches there would be padding, not tissue.
+OUTSIDE_IMAGE_FRACTION = 0.5
+#: Factors coordinates are commonly off by besides the images' scale factors: pixel positions of
+#: a spot table divided by 10.
+COMMON_COORDINATE_FACTORS = (10.0,)
+
 
 __all__ = ["validate_layout"]
 

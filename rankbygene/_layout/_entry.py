@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rankbygene._constants import (
+from rankbygene._image import ImageReader
+from rankbygene._layout._keys import (
     HIRES_IMAGE_KEY,
     IMAGES_KEY,
     LOWRES_IMAGE_KEY,
@@ -24,7 +25,6 @@ from rankbygene._constants import (
     SCALEFACTOR_SUFFIX,
     SCALEFACTORS_KEY,
 )
-from rankbygene._image import ImageReader
 
 __all__ = [
     "image_scales",

@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from rankbygene._constants import (
+from rankbygene._image import ImageReader, open_image
+from rankbygene._layout._entry import scalefactor_key
+from rankbygene._layout._keys import (
     IMAGES_KEY,
     LIBRARY_ID_KEY,
     METADATA_KEY,
@@ -28,8 +30,6 @@ from rankbygene._constants import (
     SCALEFACTORS_KEY,
     SPATIAL_KEY,
 )
-from rankbygene._image import ImageReader, open_image
-from rankbygene._layout._entry import scalefactor_key
 from rankbygene._logging import logger
 
 __all__ = [

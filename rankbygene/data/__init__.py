@@ -1,6 +1,6 @@
 """Patch pipeline: spot patches, caches, augmentations, a torch Dataset, settings, statistics."""
 
-from rankbygene._constants import BATCH_KEYS, BatchKeys
+from rankbygene.data._constants import BATCH_KEYS, BatchKeys
 from rankbygene.data._dataset import SpotPatchDataset
 from rankbygene.data._device_augmentation import DeviceAugmentation, random_dihedral
 from rankbygene.data._patches import PatchExtractor

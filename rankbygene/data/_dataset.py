@@ -10,7 +10,7 @@ import torch
 from scipy import sparse
 from torch.utils.data import Dataset
 
-from rankbygene._constants import BATCH_KEYS
+from rankbygene.data._constants import BATCH_KEYS
 from rankbygene.data._patches import PatchExtractor
 from rankbygene.data._transforms import eval_transform, strong_transform, weak_transform
 

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import numpy as np
 from anndata import AnnData
 
-from rankbygene._constants import IMAGES_KEY, MAX_SPOT_UPSAMPLING, SPATIAL_KEY
 from rankbygene._image import (
     BACKGROUND,
     PATCH_BARCODE_KEYS,
@@ -27,11 +26,17 @@ from rankbygene._image import (
     open_image,
 )
 from rankbygene._layout import ImageSource
+from rankbygene._layout._keys import IMAGES_KEY, SPATIAL_KEY
 from rankbygene._logging import logger
 
 __all__ = ["OUT_OF_BOUNDS", "PatchGeometry", "check_resolution"]
 
 OUT_OF_BOUNDS = ("raise", "pad", "drop")
+#: Patches of spots upsampled by more than this factor are logged as blurry; tiles of a whole
+#: slide, whose size is chosen, are warned about as soon as they are upsampled at all. A spot's
+#: diameter is fixed by the assay, and some upsampling of it is the norm (a 55 um Visium spot
+#: spans 110 px at 0.5 um/px, below a 224 px encoder input).
+MAX_SPOT_UPSAMPLING = 4.0
 # (image, patch pixels, input size) already reported by check_resolution in this process
 _RESOLUTION_REPORTED: set[tuple[Any, ...]] = set()
 

@@ -13,10 +13,10 @@ from typing import Any, Literal
 import numpy as np
 from anndata import AnnData
 
-from rankbygene._constants import SPATIAL_KEY
 from rankbygene._docs import d
 from rankbygene._image import BACKGROUND, ArrayImage, PatchFile, is_lazy_array, open_image
 from rankbygene._layout import image_sources, spatial_coordinates, spot_libraries
+from rankbygene._layout._keys import SPATIAL_KEY
 from rankbygene._logging import logger
 from rankbygene._progress import progress_bar
 from rankbygene.data._patch_cache import CACHE_FORMAT, PatchCache

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from anndata import AnnData
 
-from rankbygene._constants import SPATIAL_KEY
 from rankbygene._layout import resolve_library_key
+from rankbygene._layout._keys import SPATIAL_KEY
 
 __all__ = ["ImageSettings"]
 

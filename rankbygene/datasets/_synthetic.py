@@ -16,7 +16,8 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import (
+from rankbygene._layout import spatial_entry, thumbnails
+from rankbygene._layout._keys import (
     ARRAY_COL_KEY,
     ARRAY_ROW_KEY,
     COUNTS_LAYER_KEY,
@@ -27,7 +28,6 @@ from rankbygene._constants import (
     SCALEFACTOR_FIDUCIAL_DIAMETER,
     SPATIAL_KEY,
 )
-from rankbygene._layout import spatial_entry, thumbnails
 from rankbygene._logging import logger
 from rankbygene.datasets._tissue_render import CELL_TYPES, REGION_TYPES, render_tissue
 

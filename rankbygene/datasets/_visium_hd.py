@@ -17,7 +17,8 @@ from anndata import AnnData
 from PIL import Image
 from scipy import ndimage, sparse
 
-from rankbygene._constants import (
+from rankbygene._layout import scaled_size, shrink, spatial_entry, thumbnails
+from rankbygene._layout._keys import (
     ARRAY_COL_KEY,
     ARRAY_ROW_KEY,
     IN_TISSUE_KEY,
@@ -28,7 +29,6 @@ from rankbygene._constants import (
     SCALEFACTOR_MPP,
     SPATIAL_KEY,
 )
-from rankbygene._layout import scaled_size, shrink, spatial_entry, thumbnails
 from rankbygene._logging import logger
 from rankbygene.datasets._synthetic import (
     REFERENCE_SPOT_AREA,

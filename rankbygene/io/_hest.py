@@ -14,7 +14,11 @@ from anndata.utils import make_index_unique
 from PIL import Image
 from scipy import sparse
 
-from rankbygene._constants import (
+from rankbygene._image import PATCH_COORDS_KEY, ImageReader, PatchFile, as_rgb_uint8, open_image
+
+# the entry builder only: rankbygene._layout's readers of images import rankbygene.io
+from rankbygene._layout import image_scales, read_thumbnails, spatial_entry, thumbnails
+from rankbygene._layout._keys import (
     COUNTS_LAYER_KEY,
     IMAGES_KEY,
     LIBRARY_ID_KEY,
@@ -27,10 +31,6 @@ from rankbygene._constants import (
     SCALEFACTORS_KEY,
     SPATIAL_KEY,
 )
-from rankbygene._image import PATCH_COORDS_KEY, ImageReader, PatchFile, as_rgb_uint8, open_image
-
-# the entry builder only: rankbygene._layout's readers of images import rankbygene.io
-from rankbygene._layout import image_scales, read_thumbnails, spatial_entry, thumbnails
 from rankbygene._logging import logger
 from rankbygene.io._st import check_sides, existing_file
 

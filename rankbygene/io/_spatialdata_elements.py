@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from anndata import AnnData
 
-from rankbygene._constants import SPATIALDATA_ATTRS_KEY
+from rankbygene._layout._keys import SPATIALDATA_ATTRS_KEY
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

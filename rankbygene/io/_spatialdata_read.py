@@ -18,7 +18,9 @@ import pandas as pd
 from anndata import AnnData
 from PIL import Image
 
-from rankbygene._constants import (
+from rankbygene._image import as_rgb_uint8, is_lazy_array
+from rankbygene._layout import spatial_entry
+from rankbygene._layout._keys import (
     FULLRES_IMAGE_KEY,
     HIRES_IMAGE_KEY,
     LIBRARY_ID_KEY,
@@ -30,8 +32,6 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     SPATIALDATA_ATTRS_KEY,
 )
-from rankbygene._image import as_rgb_uint8, is_lazy_array
-from rankbygene._layout import spatial_entry
 from rankbygene._logging import logger
 from rankbygene.io._spatialdata_elements import import_spatialdata, named_table, table_annotation
 

@@ -13,15 +13,9 @@ from anndata import AnnData
 from rankbygene._constants import (
     GENE_EMBEDDING_KEY,
     IMAGE_EMBEDDING_KEY,
-    IMAGES_KEY,
-    LIBRARY_ID_KEY,
     PATCH_STATISTICS_KEY,
     PREDICTED_LAYER_KEY,
     RANK_CONSISTENCY_KEY,
-    SCALEFACTOR_SPOT_DIAMETER,
-    SCALEFACTORS_KEY,
-    SPATIAL_KEY,
-    SPATIALDATA_ATTRS_KEY,
     UNS_KEY,
 )
 from rankbygene._docs import d
@@ -31,6 +25,14 @@ from rankbygene._layout import (
     resolve_library_key,
     spatial_coordinates,
     spot_libraries,
+)
+from rankbygene._layout._keys import (
+    IMAGES_KEY,
+    LIBRARY_ID_KEY,
+    SCALEFACTOR_SPOT_DIAMETER,
+    SCALEFACTORS_KEY,
+    SPATIAL_KEY,
+    SPATIALDATA_ATTRS_KEY,
 )
 from rankbygene._logging import logger
 from rankbygene.io._spatialdata_elements import (

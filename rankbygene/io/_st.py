@@ -13,7 +13,11 @@ from anndata.utils import make_index_unique
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import (
+from rankbygene._image import open_image, reading_file
+
+# the entry builder only: rankbygene._layout's readers of images import rankbygene.io
+from rankbygene._layout import read_thumbnails, spatial_entry
+from rankbygene._layout._keys import (
     ARRAY_COL_KEY,
     ARRAY_ROW_KEY,
     COUNTS_LAYER_KEY,
@@ -26,10 +30,6 @@ from rankbygene._constants import (
     METADATA_TECHNOLOGY,
     SPATIAL_KEY,
 )
-from rankbygene._image import open_image, reading_file
-
-# the entry builder only: rankbygene._layout's readers of images import rankbygene.io
-from rankbygene._layout import read_thumbnails, spatial_entry
 from rankbygene._logging import logger
 
 __all__ = ["read_st"]

@@ -26,9 +26,6 @@ from rankbygene.data import (
     weak_transform,
 )
 
-SPATIAL_REGISTRY_KEY = "spatial"
-FEATURES_REGISTRY_KEY = "features"
-
 
 class SpotDataModule(pl.LightningDataModule):
     """Random split of spots into train/validation loaders (scvi-tools' DataSplitter contract).

@@ -9,18 +9,17 @@ from typing import Any, Literal
 
 import rich.pretty  # noqa: F401  scvi-tools' view_anndata_setup calls it without importing it
 from anndata import AnnData
-from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField, ObsmField
 from scvi.model.base import BaseModelClass
 from torch import nn
 
-from rankbygene._constants import SPATIAL_KEY
 from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key
+from rankbygene._layout._keys import SPATIAL_KEY
 from rankbygene._logging import quiet_scvi_info
 from rankbygene.data import ImageSettings
-from rankbygene.model._data import FEATURES_REGISTRY_KEY, SPATIAL_REGISTRY_KEY
+from rankbygene.model._constants import REGISTRY_KEYS
 from rankbygene.model._encoders import create_backbone
 from rankbygene.model._module import RankByGeneModule
 from rankbygene.model._prediction_mixin import PredictionMixin
@@ -164,9 +163,10 @@ class RankByGene(
         if not 0.0 <= ema[0] <= ema[1] <= 1.0:
             raise ValueError(f"ema must be (start, end) with 0 <= start <= end <= 1; got {ema}.")
         setup = self.registry_["setup_args"]
-        self.features_key = setup.get("features_key")
+        # the obsm keys as the registry's fields read them (features: only when set up with them)
+        self.features_key = self._registered_key(REGISTRY_KEYS.FEATURES_KEY)
+        self.spatial_key = self._registered_key(REGISTRY_KEYS.SPATIAL_KEY) or SPATIAL_KEY
         self.library_key = setup.get("library_key")
-        self.spatial_key = setup.get("spatial_key", SPATIAL_KEY)
         self.image_key = setup.get("image_key")
         self.patch_scale = float(patch_scale)
         self.input_size = int(input_size)
@@ -195,9 +195,9 @@ class RankByGene(
         else:
             backbone = None
             n_input_features = (
-                self.adata_manager.get_from_registry(FEATURES_REGISTRY_KEY).shape[-1]
+                self.adata_manager.get_from_registry(REGISTRY_KEYS.FEATURES_KEY).shape[-1]
                 if self.adata_manager is not None
-                else self.summary_stats[f"n_{FEATURES_REGISTRY_KEY}"]
+                else self.summary_stats[f"n_{REGISTRY_KEYS.FEATURES_KEY}"]
             )
             self.image_mean = self.image_std = None
             encoder_name = f"precomputed obsm[{self.features_key!r}]"
@@ -227,6 +227,11 @@ class RankByGene(
             f"{', backbone frozen' if self.module.freeze_backbone else ''}."
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _registered_key(self, registry_key: str) -> str | None:
+        """The AnnData key that a registry field reads (``None``: no such field)."""
+        field = self.registry_["field_registries"].get(registry_key)
+        return None if field is None else field["data_registry"]["attr_key"]
 
     @property
     def image_settings(self) -> ImageSettings:
@@ -321,10 +326,10 @@ class RankByGene(
             )
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=not is_log_normalized),
-            ObsmField(SPATIAL_REGISTRY_KEY, spatial_key),
+            ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key),
         ]
         if features_key is not None:
-            fields.append(ObsmField(FEATURES_REGISTRY_KEY, features_key))
+            fields.append(ObsmField(REGISTRY_KEYS.FEATURES_KEY, features_key))
         adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         with warnings.catch_warnings(), quiet_scvi_info():
             warnings.filterwarnings("ignore", message=".*not contain count data.*")

@@ -9,7 +9,7 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput
 from torch import nn
 
-from rankbygene._constants import BATCH_KEYS
+from rankbygene.data import BATCH_KEYS
 from rankbygene.model._checkpoint import check_state_fits
 from rankbygene.model._ema import make_teacher, update_ema
 from rankbygene.model._encoders import Backbone, ProjectionHead

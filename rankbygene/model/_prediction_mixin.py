@@ -22,7 +22,7 @@ from rankbygene._logging import logger
 from rankbygene._version import __version__
 from rankbygene.data import PatchExtractor
 from rankbygene.model._model_attributes import ModelAttributes
-from rankbygene.model._prediction import (
+from rankbygene.model._readout import (
     KnnPredictor,
     MlpPredictor,
     PredictionMethod,

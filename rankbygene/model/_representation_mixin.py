@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scipy import sparse
-from scvi import REGISTRY_KEYS, settings
+from scvi import settings
 
 from rankbygene._docs import d
 from rankbygene._precision import inference_autocast
 from rankbygene._progress import progress_bar
 from rankbygene.data import normalize_batch
+from rankbygene.model._constants import REGISTRY_KEYS
 from rankbygene.model._data import image_loader
 from rankbygene.model._model_attributes import ModelAttributes
 from rankbygene.model._setup import check_var_names
@@ -48,9 +49,8 @@ class RepresentationMixin(ModelAttributes):
 
         Parameters
         ----------
-        adata
-            AnnData with ``obsm["spatial"]`` and images (or ``obsm[features_key]``); default:
-            the AnnData of the model.
+        %(adata_model)s
+            With precomputed features, ``obsm[features_key]`` stands in for the images.
         indices
             Spots to embed (default: all).
         %(batch_size)s
@@ -154,7 +154,7 @@ class RepresentationMixin(ModelAttributes):
         indices
             Spots (default: all).
         batch_size
-            Spots per forward pass.
+            Spots per forward pass; ``None``: ``scvi.settings.batch_size``.
 
         Returns
         -------
@@ -192,9 +192,9 @@ class RepresentationMixin(ModelAttributes):
             if self.adata_manager
             else [
                 str(g)
-                for g in self.registry_["field_registries"]["X"]["state_registry"].get(
-                    "column_names", []
-                )
+                for g in self.registry_["field_registries"][REGISTRY_KEYS.X_KEY][
+                    "state_registry"
+                ].get("column_names", [])
             ]
         )
 

@@ -16,7 +16,7 @@ from rankbygene._layout import (
     spot_libraries,
     validate_layout,
 )
-from rankbygene.pp._normalize import check_not_log_normalized
+from rankbygene._matrix import check_not_log_normalized
 
 
 def validate_setup(

@@ -10,19 +10,19 @@ import numpy as np
 import torch
 from anndata import AnnData
 from lightning.pytorch.utilities import rank_zero_info
-from scvi import REGISTRY_KEYS, settings
+from scvi import settings
 from scvi.train import TrainRunner
 
-from rankbygene._constants import QUIET_RUN_WARNINGS
 from rankbygene._logging import (
+    QUIET_RUN_WARNINGS,
     logger,
     quiet_lightning_tips,
     quiet_scvi_training_exception,
 )
 from rankbygene._precision import autocast_dtype, default_precision
 from rankbygene.data import PatchExtractor
+from rankbygene.model._constants import REGISTRY_KEYS
 from rankbygene.model._data import (
-    FEATURES_REGISTRY_KEY,
     SpotDataModule,
     training_loader_settings,
 )
@@ -134,7 +134,7 @@ class TrainingMixin(ModelAttributes):
         features = None
         valid = None
         if self.features_key is not None:
-            features = np.asarray(self.adata_manager.get_from_registry(FEATURES_REGISTRY_KEY))
+            features = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.FEATURES_KEY))
             plain = features[:, 0] if features.ndim == 3 else features
             self.module.set_feature_scaling(torch.as_tensor(plain, dtype=torch.float32))
         elif self.module.freeze_backbone:

@@ -10,9 +10,11 @@ from anndata import AnnData
 from matplotlib.axes import Axes
 
 from rankbygene._constants import IMAGE_EMBEDDING_KEY
+from rankbygene._docs import d
 from rankbygene.pl._utils import new_axes, show_or_save
 
 
+@d.dedent
 def embedding(
     adata: AnnData,
     color: str | Sequence[str] | None = None,
@@ -38,8 +40,8 @@ def embedding(
         ``obs`` columns or genes (``var_names``), one panel each.
     use_rep
         ``obsm`` key of the embedding.
-    layer
-        Layer for gene colours (``None``: ``X``).
+    %(layer)s
+        For gene colours.
     n_neighbors
         Neighbours of the UMAP graph.
     random_state

@@ -10,14 +10,10 @@ import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
 
-from rankbygene._constants import (
-    COUNTS_LAYER_KEY,
-    LOWRES_IMAGE_KEY,
-    PREDICTED_LAYER_KEY,
-    SPATIAL_KEY,
-)
+from rankbygene._constants import PREDICTED_LAYER_KEY
 from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key, spot_libraries
+from rankbygene._layout._keys import COUNTS_LAYER_KEY, LOWRES_IMAGE_KEY, SPATIAL_KEY
 from rankbygene._logging import quiet_third_party_imports
 from rankbygene._metrics import log_normalize, pearson_per_gene
 from rankbygene.pl._utils import new_axes, show_or_save

@@ -12,11 +12,13 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import (
+from rankbygene._constants import N_BINS_KEY
+from rankbygene._docs import d
+from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
+from rankbygene._layout._keys import (
     ARRAY_COL_KEY,
     ARRAY_ROW_KEY,
     IN_TISSUE_KEY,
-    N_BINS_KEY,
     SCALEFACTOR_AGGREGATED_BIN_SIZE_UM,
     SCALEFACTOR_BIN_SIZE_UM,
     SCALEFACTOR_MPP,
@@ -25,8 +27,6 @@ from rankbygene._constants import (
     SPATIAL_KEY,
     SPATIALDATA_ATTRS_KEY,
 )
-from rankbygene._docs import d
-from rankbygene._layout import resolve_library_key, spatial_coordinates, spot_libraries
 from rankbygene._logging import logger
 
 __all__ = ["aggregate_bins"]
@@ -80,8 +80,8 @@ def aggregate_bins(
 
     Parameters
     ----------
-    adata
-        Bins in the package's AnnData layout (e.g. from :func:`rankbygene.io.from_spatialdata`).
+    %(adata)s
+        Bins (e.g. from :func:`rankbygene.io.from_spatialdata`).
     size_um
         Side of a pseudo-spot in microns: a whole multiple of the bin size (e.g. 32 or 48 um
         from 8 um bins; 56 um is the nearest to a Visium spot's 55 um).

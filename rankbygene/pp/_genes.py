@@ -16,7 +16,7 @@ from scipy import sparse
 from rankbygene._constants import PANEL_KEY
 from rankbygene._docs import d
 from rankbygene._logging import logger
-from rankbygene.pp._normalize import (
+from rankbygene._matrix import (
     check_counts,
     check_not_empty,
     get_matrix,

@@ -11,11 +11,12 @@ from anndata import AnnData
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from rankbygene._constants import SMOOTHED_LAYER_KEY, SMOOTHED_LAYER_SUFFIX, SPATIAL_KEY
+from rankbygene._constants import SMOOTHED_LAYER_KEY, SMOOTHED_LAYER_SUFFIX
 from rankbygene._docs import d
 from rankbygene._layout import resolve_library_key, spot_libraries
+from rankbygene._layout._keys import SPATIAL_KEY
 from rankbygene._logging import logger, quiet_third_party_imports
-from rankbygene.pp._normalize import get_matrix, matrix_name, stored_values
+from rankbygene._matrix import get_matrix, matrix_name, stored_values
 
 __all__ = ["smooth_expression", "smoothed_layer_key"]
 

@@ -16,22 +16,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from rankbygene._constants import (
-    ARRAY_COL_KEY,
-    ARRAY_ROW_KEY,
-    LIBRARY_ID_KEY,
-    METADATA_MPP,
-    METADATA_READ_DOWNSAMPLE,
-    METADATA_SATURATION_THRESHOLD,
-    METADATA_SOURCE,
-    METADATA_SOURCE_IMAGE,
-    METADATA_STRIDE_PX,
-    METADATA_TILE_SIZE_PX,
-    METADATA_TILE_SIZE_UM,
-    METADATA_TISSUE_THRESHOLD,
-    SPATIAL_KEY,
-    TISSUE_FRACTION_KEY,
-)
+from rankbygene._constants import TISSUE_FRACTION_KEY
 from rankbygene._image import (
     ImageReader,
     TileBoxes,
@@ -47,6 +32,21 @@ from rankbygene._layout import (
     spatial_entry,
     thumbnails,
     tissue_mask,
+)
+from rankbygene._layout._keys import (
+    ARRAY_COL_KEY,
+    ARRAY_ROW_KEY,
+    LIBRARY_ID_KEY,
+    METADATA_MPP,
+    METADATA_READ_DOWNSAMPLE,
+    METADATA_SATURATION_THRESHOLD,
+    METADATA_SOURCE,
+    METADATA_SOURCE_IMAGE,
+    METADATA_STRIDE_PX,
+    METADATA_TILE_SIZE_PX,
+    METADATA_TILE_SIZE_UM,
+    METADATA_TISSUE_THRESHOLD,
+    SPATIAL_KEY,
 )
 from rankbygene._logging import logger
 

@@ -1,7 +1,7 @@
 """Tools: evaluation of predicted expression and analyses of embeddings."""
 
 from rankbygene._metrics import log_normalize, pearson_per_gene, spearman_per_gene
-from rankbygene.model._prediction import KnnPredictor, RidgePredictor, with_neighbor_context
+from rankbygene.model._readout import KnnPredictor, RidgePredictor, with_neighbor_context
 from rankbygene.tl._cv import CrossValidationResult
 from rankbygene.tl._embed import embed_slides
 from rankbygene.tl._evaluate import evaluate_expression, summarize_expression_scores

@@ -20,6 +20,7 @@ import pandas as pd
 from anndata import AnnData
 
 from rankbygene._constants import IMAGE_EMBEDDING_KEY, SLIDE_CHECKSUM_KEY, UNS_KEY
+from rankbygene._docs import d
 from rankbygene._layout import ImageSource
 from rankbygene._logging import logger
 from rankbygene._progress import progress_bar
@@ -57,6 +58,7 @@ __all__ = ["embed_slides"]
 _COLUMNS = ["path", "output", "n_tiles", "status", "error"]
 
 
+@d.dedent
 def embed_slides(
     model: RankByGene,
     paths: Sequence[str | Path] | Mapping[str, str | Path] | pd.Series,
@@ -120,9 +122,8 @@ def embed_slides(
         Tile side in microns; microns per pixel overriding the files' (for every slide).
     kind
         ``"embedding"`` (projected, L2-normalised) or ``"backbone"`` features.
-    batch_size, num_workers
-        Of the embedding DataLoader (``num_workers`` processes read tiles in parallel);
-        default: chosen from the machine, as in :meth:`RankByGene.get_image_representation`.
+    %(batch_size)s
+    %(num_workers)s
     precision
         Of the encoder's forward pass, as in :meth:`RankByGene.get_image_representation`
         (default: bf16-mixed on GPUs with bf16, else float32).

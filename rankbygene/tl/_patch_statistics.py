@@ -7,8 +7,9 @@ from typing import Literal
 import numpy as np
 from anndata import AnnData
 
-from rankbygene._constants import PATCH_STATISTICS_KEY, SPATIAL_KEY
+from rankbygene._constants import PATCH_STATISTICS_KEY
 from rankbygene._docs import d
+from rankbygene._layout._keys import SPATIAL_KEY
 from rankbygene._logging import logger
 from rankbygene.data._patches import PatchExtractor
 from rankbygene.data._statistics import PATCH_STATISTICS, patch_statistics_tensor
@@ -42,8 +43,7 @@ def patch_statistics(
 
     Parameters
     ----------
-    adata
-        AnnData in the scanpy/squidpy spatial layout.
+    %(adata)s
     %(library_key)s
     spatial_key, image_key, patch_scale, patch_size
         Patch geometry, as :class:`~rankbygene.data.PatchExtractor`; use the model's

@@ -45,8 +45,8 @@ def rank_consistency(
         ``obsm`` key of a gene-side representation (e.g. ``"X_rankbygene_gene"``), compared by
         cosine similarity. ``None``: the Pearson correlation of the log-normalised expression in
         ``layer``.
-    layer
-        Layer of counts for the gene side when ``gene_rep`` is ``None`` (``None``: ``X``).
+    %(layer)s
+        Counts, for the gene side when ``gene_rep`` is ``None``.
     n_neighbors
         Candidates per anchor: its nearest gene-side neighbours (the method's local scale);
         ``None`` ranks every other spot of the library (its global scale).

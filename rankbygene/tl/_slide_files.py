@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from anndata import AnnData
 
-from rankbygene._constants import IMAGE_EMBEDDING_KEY, SLIDE_CHECKSUM_KEY, SPATIAL_KEY, UNS_KEY
+from rankbygene._constants import IMAGE_EMBEDDING_KEY, SLIDE_CHECKSUM_KEY, UNS_KEY
+from rankbygene._layout._keys import SPATIAL_KEY
 from rankbygene._logging import logger
 
 if TYPE_CHECKING:
